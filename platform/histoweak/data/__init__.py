@@ -1,0 +1,1 @@
+"""The tile table, synthetic data, and streaming it into training."""

@@ -1,0 +1,290 @@
+"""Synthetic H&E-like slides with pixel ground truth, written as real pyramidal TIFFs.
+
+The embedded default dataset. Deterministic from a seed; every property a
+method's claim depends on is a documented knob of ``SynthPreset``:
+
+- ``shortcut`` (0–1): how strongly tissue amount predicts tumour. Tumours
+  grow only where the tissue is at least ``shortcut * max_depth`` deep, and
+  ``fragments`` small tumour-free tissue islands are scattered around, so
+  at high values tiles on tissue borders (little tissue) are rarely tumour,
+  as GERNE's paper observes on real slides; at 0 tumour reaches the edges.
+- ``class_mix``: relative areas of stroma, lymphocytes and necrosis.
+- ``tumor_count``, ``tumor_radius``: tumour geometry (smooth, convex-ish blobs).
+- ``tumor_prob``: chance that a slide holds tumour at all (slide label).
+
+Slides are tiled TIFFs whose reduced levels are successive pages marked
+``subfiletype=1`` (so OpenSlide sees every level), JPEG-compressed, with
+µm/px in the resolution tags. Masks are lossless uint8 pyramids of class
+indices at the same size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage as ndi
+
+__all__ = ["CLASSES", "PRESETS", "SynthPreset", "render_slide", "synthesize", "write_pyramid"]
+
+CLASSES = ("background", "tumor", "stroma", "lymphocytes", "necrosis")
+BG, TUMOR, STROMA, LYMPH, NECROSIS = range(5)
+
+# RGB of the class's cytoplasm/matrix and of its nuclei, H&E-like.
+_HE_BASE = np.array([[242, 240, 244], [205, 140, 190], [232, 165, 195], [200, 170, 215], [235, 195, 205]], np.float32)
+_HE_NUC = np.array([[242, 240, 244], [95, 45, 130], [120, 60, 140], [55, 35, 120], [150, 90, 150]], np.float32)
+# Multimodal non-linear imaging on black (GERNE's dataset): false colours per modality.
+_MM_BASE = np.array([[6, 6, 8], [150, 60, 170], [40, 160, 90], [60, 90, 170], [150, 140, 40]], np.float32)
+_MM_NUC = np.array([[6, 6, 8], [230, 120, 240], [20, 90, 50], [140, 170, 250], [90, 80, 20]], np.float32)
+# Nuclei per 1000 px² and blob size (gaussian sigma, px) per class.
+_NUC_DENSITY = np.array([0.0, 6.0, 1.5, 16.0, 2.5], np.float32)
+_NUC_SIGMA = {TUMOR: 3.0, STROMA: 1.6, LYMPH: 1.6, NECROSIS: 1.0}
+
+
+@dataclass(frozen=True)
+class SynthPreset:
+    """Knobs of the synthetic generator (see the module docstring)."""
+
+    name: str = "default"
+    size: int = 2048  # level-0 side, pixels
+    n_slides: int = 6
+    mpp: float = 0.5
+    tissue_fraction: float = 0.55  # area of the main tissue mass / slide area
+    tissue_pieces: int = 1  # separate tissue masses
+    fragments: int = 6  # small tumour-free tissue islands
+    class_mix: tuple[float, float, float] = (0.6, 0.25, 0.15)  # stroma, lymphocytes, necrosis
+    tumor_prob: float = 1.0
+    tumor_count: tuple[int, int] = (1, 3)
+    tumor_radius: tuple[float, float] = (0.08, 0.16)  # fraction of the slide side
+    shortcut: float = 0.5
+    dark_background: bool = False
+    splits: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise ValueError(f"synthetic preset {self.name!r}, {key!r}: {why}")
+
+        if self.size < 256:
+            bad("size", f"must be >= 256, got {self.size}")
+        if self.n_slides < 1:
+            bad("n_slides", f"must be >= 1, got {self.n_slides}")
+        if not 0 <= self.shortcut <= 1:
+            bad("shortcut", f"must be in [0, 1], got {self.shortcut}")
+        if not 0 <= self.tumor_prob <= 1:
+            bad("tumor_prob", f"must be in [0, 1], got {self.tumor_prob}")
+        if not 0 < self.tissue_fraction < 1:
+            bad("tissue_fraction", f"must be in (0, 1), got {self.tissue_fraction}")
+        if len(self.class_mix) != 3 or min(self.class_mix) < 0 or sum(self.class_mix) <= 0:
+            bad("class_mix", "must be three non-negative weights (stroma, lymphocytes, necrosis)")
+        if abs(sum(self.splits) - 1) > 1e-6 or len(self.splits) != 3:
+            bad("splits", f"must be three fractions summing to 1, got {self.splits}")
+
+
+PRESETS: dict[str, SynthPreset] = {
+    "default": SynthPreset(),
+    "tiny": SynthPreset(name="tiny", size=1024, n_slides=3, fragments=3),
+    "weak-shortcut": SynthPreset(name="weak-shortcut", shortcut=0.1, fragments=2),
+    "strong-shortcut": SynthPreset(name="strong-shortcut", shortcut=0.9, fragments=12),
+    "camelyon": SynthPreset(
+        name="camelyon", size=6144, n_slides=6, tissue_fraction=0.12, tissue_pieces=3, fragments=4,
+        tumor_prob=0.5, tumor_count=(1, 2), tumor_radius=(0.006, 0.015), shortcut=0.0,
+    ),
+    "multimodal": SynthPreset(name="multimodal", dark_background=True),
+}
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Zero-mean, unit-variance smooth random field."""
+    f = max(1, int(sigma // 4))  # large blurs are computed on a coarse grid, then interpolated
+    coarse = (-(-shape[0] // f), -(-shape[1] // f))
+    g = ndi.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), sigma / f, mode="wrap")
+    if f > 1:
+        g = ndi.zoom(g, f, order=1, grid_mode=True, mode="grid-wrap")[: shape[0], : shape[1]]
+    return (g - g.mean()) / (g.std() + 1e-8)
+
+
+def _blob(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
+    """Normalised elliptical radius: < 1 inside the ellipse."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (c * dx + s * dy) / rx, (-s * dx + c * dy) / ry
+    return np.sqrt(u * u + v * v)
+
+
+def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor: bool) -> np.ndarray:
+    """(n, n) uint8 class map at low resolution."""
+    noise = _smooth_noise(rng, (n, n), n / 24)
+    # Main tissue: a few overlapping ellipses with a wobbly outline, grown to the target area.
+    field = np.full((n, n), np.inf, np.float32)
+    for _ in range(preset.tissue_pieces):
+        r = np.sqrt(preset.tissue_fraction / preset.tissue_pieces / np.pi) * n
+        cy, cx = rng.uniform(0.3, 0.7, 2) * n if preset.tissue_pieces == 1 else rng.uniform(0.15, 0.85, 2) * n
+        field = np.minimum(field, _blob((n, n), cy, cx, r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), rng.uniform(0, np.pi)))
+    field = field + 0.18 * noise
+    thresh = np.quantile(field, preset.tissue_fraction)
+    tissue = field < thresh
+    tissue = ndi.binary_fill_holes(ndi.binary_opening(tissue, iterations=2))
+    main_tissue = tissue.copy()
+    for _ in range(preset.fragments):  # small tumour-free islands
+        r = rng.uniform(0.012, 0.03) * n
+        cy, cx = rng.uniform(0.05, 0.95, 2) * n
+        tissue |= _blob((n, n), cy, cx, r, r * rng.uniform(0.6, 1.4), rng.uniform(0, np.pi)) < 1 + 0.3 * noise
+
+    # Non-tumour tissue classes from competing smooth fields, weighted by the class mix.
+    mix = np.asarray(preset.class_mix, np.float32) / sum(preset.class_mix)
+    fields = np.stack([_smooth_noise(rng, (n, n), n / 20) + 2.2 * np.log(max(m, 1e-6) + 1e-6) for m in mix])
+    labels = np.where(tissue, (np.argmax(fields, axis=0) + STROMA).astype(np.uint8), np.uint8(BG))
+
+    if has_tumor:
+        depth = ndi.distance_transform_edt(main_tissue).astype(np.float32)
+        min_depth = preset.shortcut * depth.max() * 0.5
+        allowed = depth >= max(min_depth, 1.0)
+        candidates = np.argwhere(allowed)
+        if len(candidates):
+            tumor = np.zeros((n, n), bool)
+            for _ in range(rng.integers(preset.tumor_count[0], preset.tumor_count[1] + 1)):
+                cy, cx = candidates[rng.integers(len(candidates))]
+                r = rng.uniform(*preset.tumor_radius) * n
+                shape = _blob((n, n), cy, cx, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi))
+                tumor |= shape < 1 + 0.25 * _smooth_noise(rng, (n, n), max(r / 3, 1))
+            labels[tumor & allowed] = TUMOR
+            # Necrotic cores inside large tumours.
+            core = ndi.distance_transform_edt(labels == TUMOR) > preset.tumor_radius[1] * n * 0.6
+            labels[core & (noise > 0.3)] = NECROSIS
+    return labels
+
+
+def render_slide(preset: SynthPreset, seed: int, has_tumor: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Render one slide.
+
+    Returns
+    -------
+    rgb : (size, size, 3) uint8
+    mask : (size, size) uint8
+        Class indices into ``CLASSES``.
+    """
+    rng = np.random.default_rng(seed)
+    if has_tumor is None:
+        has_tumor = bool(rng.random() < preset.tumor_prob)
+    n = preset.size
+    factor = 4
+    low = _label_map(preset, rng, n // factor, has_tumor)
+    mask = np.repeat(np.repeat(low, factor, axis=0), factor, axis=1)
+    if mask.shape[0] != n:
+        mask = np.pad(mask, ((0, n - mask.shape[0]), (0, n - mask.shape[1])), mode="edge")
+
+    base, nuc_col = (_MM_BASE, _MM_NUC) if preset.dark_background else (_HE_BASE, _HE_NUC)
+    tissue = (mask > 0)[..., None]
+    # Stain variation: smooth, slide-wide, per channel, in tissue only.
+    low_var = np.stack([_smooth_noise(rng, (n // 16 + 1, n // 16 + 1), 6) for _ in range(3)], -1) * 9.0
+    variation = np.repeat(np.repeat(low_var, 16, axis=0), 16, axis=1)[:n, :n]
+    img = base[mask] + variation * tissue
+    # Fibre-like streaks in stroma; a 1024-px texture tiled over the slide keeps this cheap.
+    t = min(n, 1024)
+    streak = ndi.gaussian_filter(rng.standard_normal((t, t), dtype=np.float32), (0.8, 5.0), mode="wrap") * 40
+    streak = np.tile(streak, (n // t + 1, n // t + 1))[:n, :n]
+    img += (mask == STROMA)[..., None] * streak[..., None] * np.array([0.3, 0.8, 0.6], np.float32)
+    # Nuclei: random seeds with a class-dependent density, blurred into blobs of a class-dependent size.
+    uniform = rng.random((n, n), dtype=np.float32)
+    seeds = uniform < (_NUC_DENSITY / 1000.0)[mask]
+    nuclei = np.zeros((n, n), np.float32)
+    for sigma in sorted(set(_NUC_SIGMA.values())):
+        classes = [c for c, s in _NUC_SIGMA.items() if s == sigma]
+        sel = (seeds & np.isin(mask, classes)).astype(np.float32)
+        nuclei += ndi.gaussian_filter(sel, sigma) * (2 * np.pi * sigma * sigma)
+    alpha = np.clip(nuclei * 1.6, 0, 1)[..., None] * tissue
+    img = img * (1 - alpha) + nuc_col[mask] * alpha
+    grain = rng.standard_normal((t, t, 3), dtype=np.float32) * 5
+    img += np.tile(grain, (n // t + 1, n // t + 1, 1))[:n, :n]
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def _reduce(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    a = a[:h, :w]
+    if a.ndim == 3:
+        return a.reshape(h // 2, 2, w // 2, 2, a.shape[2]).mean(axis=(1, 3)).round().astype(np.uint8)
+    return a[::2, ::2]  # class indices: nearest, never averaged
+
+
+def write_pyramid(path: str | Path, image: np.ndarray, mpp: float | None = None, tile: int = 256,
+                  min_size: int = 256, compression: str | None = None) -> Path:
+    """Write a tiled pyramidal TIFF that OpenSlide opens with all its levels.
+
+    Reduced levels are successive pages marked ``subfiletype=1`` (as SubIFDs
+    OpenSlide would show a single level). RGB uses JPEG by default, class
+    masks (2-D) lossless zlib.
+    """
+    path = Path(path)
+    rgb = image.ndim == 3
+    compression = compression or ("jpeg" if rgb else "zlib")
+    kwargs = dict(tile=(tile, tile), compression=compression, photometric="rgb" if rgb else "minisblack", metadata=None)
+    if compression == "jpeg":
+        kwargs["compressionargs"] = {"level": 90}
+    tmp = path.with_name(f".{path.name}.tmp")
+    level = image
+    with tifffile.TiffWriter(tmp) as tif:
+        ds = 1
+        while True:
+            res = {}
+            if mpp:
+                res = dict(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
+            tif.write(level, subfiletype=0 if ds == 1 else 1, **kwargs, **res)
+            if max(level.shape[:2]) // 2 < min_size:
+                break
+            level = _reduce(level)
+            ds *= 2
+    tmp.replace(path)
+    return path
+
+
+def synthesize(out_dir: str | Path, preset: SynthPreset | str = "default", seed: int = 0, **overrides) -> Path:
+    """Write a synthetic dataset: slides, masks, ``classes.json`` and ``slides.csv``.
+
+    Parameters
+    ----------
+    out_dir : directory to create (existing slides with the same name are rewritten).
+    preset : a ``SynthPreset`` or the name of one in ``PRESETS``.
+    seed : every slide's content follows from (seed, slide index).
+    overrides : fields of the preset to change, e.g. ``n_slides=3, shortcut=0.9``.
+
+    Returns
+    -------
+    Path to ``slides.csv``.
+    """
+    if isinstance(preset, str):
+        try:
+            preset = PRESETS[preset]
+        except KeyError:
+            raise ValueError(f"unknown synthetic preset {preset!r}; valid: {sorted(PRESETS)}") from None
+    preset = replace(preset, **overrides) if overrides else preset
+    out = Path(out_dir)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    n_train = round(preset.splits[0] * preset.n_slides)
+    n_val = round(preset.splits[1] * preset.n_slides)
+    rows = []
+    rng = np.random.default_rng(seed)
+    tumor_flags = rng.random(preset.n_slides) < preset.tumor_prob
+    if preset.tumor_prob not in (0.0, 1.0) and preset.n_slides >= 2:  # both labels present
+        tumor_flags[0], tumor_flags[1] = True, False
+    for i in range(preset.n_slides):
+        slide_id = f"{preset.name}-{seed}-{i:03d}"
+        rgb, mask = render_slide(preset, seed * 100_003 + i, has_tumor=bool(tumor_flags[i]))
+        write_pyramid(out / "slides" / f"{slide_id}.tiff", rgb, mpp=preset.mpp)
+        write_pyramid(out / "masks" / f"{slide_id}.tiff", mask, mpp=preset.mpp)
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        rows.append(dict(slide_id=slide_id, path=f"slides/{slide_id}.tiff", mask_path=f"masks/{slide_id}.tiff",
+                         label=int((mask == TUMOR).any()), split=split))
+    (out / "classes.json").write_text(json.dumps({str(i): c for i, c in enumerate(CLASSES)}, indent=2))
+    (out / "preset.json").write_text(json.dumps({**asdict(preset), "seed": seed}, indent=2))
+    with open(out / "slides.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "mask_path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out / "slides.csv"
