@@ -266,8 +266,11 @@ def synthesize(out_dir: str | Path, preset: SynthPreset | str = "default", seed:
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    n_train = round(preset.splits[0] * preset.n_slides)
-    n_val = round(preset.splits[1] * preset.n_slides)
+    # Every split with a non-zero share gets at least one slide when there are enough slides.
+    n = preset.n_slides
+    n_val = max(int(n >= 3 and preset.splits[1] > 0), round(preset.splits[1] * n))
+    n_test = max(int(n >= 3 and preset.splits[2] > 0), round(preset.splits[2] * n))
+    n_train = n - n_val - n_test
     rows = []
     rng = np.random.default_rng(seed)
     tumor_flags = rng.random(preset.n_slides) < preset.tumor_prob

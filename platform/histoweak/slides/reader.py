@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["MaskReader", "SlideError", "SlideReader"]
 
@@ -49,7 +49,7 @@ class SlideReader:
             raise SlideError(self.path, "file does not exist")
         try:
             self._slide = openslide.open_slide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError:
+        except (openslide.OpenSlideUnsupportedFormatError, UnidentifiedImageError):
             raise SlideError(self.path, "unsupported format: neither OpenSlide nor PIL can open it") from None
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideError(self.path, f"corrupt or unreadable slide ({exc})") from None

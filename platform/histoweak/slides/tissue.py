@@ -46,7 +46,7 @@ def saturation_tissue(rgb: np.ndarray, threshold: float = 0.10, opening_radius: 
     fg = sat >= threshold
     fg = ndi.binary_fill_holes(fg)
     if opening_radius > 0:
-        fg = morphology.binary_opening(fg, morphology.disk(opening_radius))
+        fg = morphology.opening(fg, morphology.disk(opening_radius))
     return fg
 
 

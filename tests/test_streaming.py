@@ -1,0 +1,113 @@
+import collections
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from histoweak.data.augment import colour_jitter, flip_rot90
+from histoweak.data.streaming import (
+    apply_resource_plan, balanced_batches, plan_resources, read_tiles, torch_batches,
+)
+
+
+def test_shapes_dtypes_counts(tile_table, ray_local):
+    import torch
+
+    expected = pq.read_table(tile_table, columns=["split"]).column("split").to_pylist().count("train")
+    ds = read_tiles(str(tile_table), split="train")
+    n = 0
+    for b in torch_batches(ds, batch_size=7):
+        assert b["image"].dtype == torch.float32 and b["image"].shape[1:] == (3, 128, 128)
+        assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
+        assert b["mask"].dtype == torch.int64 and b["mask"].shape[1:] == (128, 128)
+        assert b["labels"].shape[1] == 5 and b["labels"].dtype == torch.float32
+        # labels agree with the mask they came from
+        present = torch.stack([(b["mask"] == c).flatten(1).any(1) for c in range(5)], 1).float()
+        assert torch.equal(present, b["labels"])
+        n += len(b["image"])
+    assert n == expected > 0
+
+
+def test_augmentation_moves_images_and_masks_together(tile_table, ray_local):
+    ds = read_tiles(str(tile_table), split="train")
+    for b in torch_batches(ds, batch_size=16, augment=True, colour=False, seed=1):
+        # without colour jitter, a flipped/rotated tile keeps the pixels of its mask classes
+        for img, mask in zip(b["image"], b["mask"]):
+            assert img.shape[1:] == mask.shape
+        break
+
+
+def test_flip_rot90_is_a_dihedral_transform():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    mask = img[..., 0] // 64
+    out_i, out_m = flip_rot90(img, mask, np.random.default_rng(1))
+    for a, b, m in zip(img, out_i, out_m):
+        variants = [np.rot90(a, k) for k in range(4)] + [np.rot90(a, k)[:, ::-1] for k in range(4)]
+        assert any(np.array_equal(v, b) for v in variants)
+        assert np.array_equal(b[..., 0] // 64, m)  # same transform on the mask
+
+
+def test_colour_jitter_bounds():
+    img = np.full((2, 4, 4, 3), 100, np.uint8)
+    out = colour_jitter(img, np.random.default_rng(0), brightness=0.5, contrast=0, saturation=0)
+    assert out.dtype == np.uint8 and (50 <= out).all() and (out <= 150).all()
+    assert colour_jitter(img, np.random.default_rng(0), 0, 0, 0).tolist() == img.tolist()
+
+
+def test_balanced_stream_frequencies(tile_table, ray_local):
+    import torch
+
+    ds = read_tiles(str(tile_table), columns=["image", "labels", "tissue_ratio", "slide_id"])
+    # a class-balanced stream on "tumour present" (labels[1]) — rare in this data
+    ds = ds.map_batches(lambda b: {**b, "label": b["labels"][:, 1].astype(np.int64)}, batch_format="numpy")
+    counts = collections.Counter(int(v) for v in ds.to_pandas()["label"])
+    assert counts[0] != counts[1]  # imbalanced to begin with
+    seen = collections.Counter()
+    for b in balanced_batches(ds, "label", batch_size=10, n_batches=6, seed=0):
+        assert len(b["label"]) == 10 and b["image"].shape[0] == 10
+        c = collections.Counter(b["label"].tolist())
+        assert c[0] == c[1] == 5
+        seen.update(b["label"].tolist())
+    assert seen[0] == seen[1] == 30
+    with pytest.raises(ValueError, match="batch_size 1 < 2 values"):
+        next(balanced_batches(ds, "label", batch_size=1, n_batches=1))
+
+
+def test_plan_resources():
+    p = plan_resources(2, 2)
+    assert p.cpus_per_worker * 2 + p.data_cpus == 2 and p.data_cpus >= 1
+    p = plan_resources(2, 1)
+    assert p.cpus_per_worker >= 0.25 and p.data_cpus >= 1
+    p = plan_resources(64, 8)
+    assert p.cpus_per_worker * 8 + p.data_cpus == 64 and p.cpus_per_worker >= 1
+
+
+def test_two_train_style_consumers_do_not_starve(tile_table, ray_local):
+    """Two actors holding CPUs like Ray Train workers, each reading its streaming_split shard."""
+    ray = ray_local
+    total = int(ray.cluster_resources()["CPU"])
+    plan = plan_resources(total, 2)
+    apply_resource_plan(plan)
+
+    @ray.remote(num_cpus=plan.cpus_per_worker)
+    class Worker:
+        def consume(self, shard):
+            from histoweak.data.streaming import torch_batches
+
+            n, shapes = 0, set()
+            for b in torch_batches(shard, batch_size=8):
+                n += len(b["image"])
+                shapes.add(tuple(b["image"].shape[1:]))
+            return n, shapes
+
+    ds = read_tiles(str(tile_table))
+    shards = ds.streaming_split(2, equal=True)
+    workers = [Worker.remote() for _ in range(2)]
+    results = ray.get([w.consume.remote(s) for w, s in zip(workers, shards)], timeout=240)
+    n_rows = pq.read_table(tile_table, columns=["x"]).num_rows
+    assert {s for _, shp in results for s in shp} == {(3, 128, 128)}
+    assert abs(results[0][0] - results[1][0]) <= 1  # equal split
+    assert sum(n for n, _ in results) >= n_rows - 1
+    for w in workers:
+        ray.kill(w)
