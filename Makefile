@@ -7,6 +7,7 @@ PYTEST  := $(BIN)/python -m pytest
 
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := token
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
