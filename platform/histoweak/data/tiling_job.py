@@ -21,8 +21,10 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from histoweak.data.schema import SCHEMA_VERSION
 from histoweak.slides.reader import SlideError
@@ -264,15 +266,14 @@ def tile_dataset(slides: list[SlideSpec], out_dir: str | Path, params: TilingPar
                     e.update(shards=len(groups), candidates=plan.candidates, dimensions=list(plan.dimensions),
                              mpp=plan.mpp)
                     shards_left[sid] = 0
+                    plan_ref = ray.put(plan)  # shipped once, shared by the slide's shard tasks
                     for i, idx in enumerate(groups):
                         path = _shard_path(out, sid, i)
                         if path.exists():  # finished in an earlier run
-                            import pyarrow.parquet as pq
-
                             e["n_tiles"] += pq.ParquetFile(path).metadata.num_rows
                             continue
                         shards_left[sid] += 1
-                        running[shard_remote.remote(specs[sid], params, plan, idx, str(path), n_classes, source)] = (
+                        running[shard_remote.remote(specs[sid], params, plan_ref, idx, str(path), n_classes, source)] = (
                             "shard", sid, i)
                     if shards_left[sid] == 0:
                         finish_slide(sid)
