@@ -69,7 +69,7 @@ def plan_resources(total_cpus: float, num_workers: int, min_data_cpus: float = 1
 
 
 def apply_resource_plan(plan: ResourcePlan) -> None:
-    """Cap the CPUs Ray Data may use in this driver to ``plan.data_cpus`` (and quiet its progress bars)."""
+    """Cap the CPUs Ray Data may use in this driver to ``plan.data_cpus``."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -119,15 +119,17 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
-def _list_parquet(path: str | Sequence[str], filesystem=None) -> list[tuple[str, int]]:
-    """(file, number of row groups) for every Parquet file under ``path`` (local or any pyarrow URI)."""
+def _list_parquet(path: str | Sequence[str]) -> list[tuple[str, int]]:
+    """(file URI or path, number of row groups) for every Parquet file under ``path`` (local or any pyarrow URI)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     out: list[tuple[str, int]] = []
     for p in paths:
-        fs, root = (filesystem, str(p)) if filesystem else pafs.FileSystem.from_uri(_as_uri(p))
+        uri = _as_uri(p)
+        fs, root = pafs.FileSystem.from_uri(uri)
+        prefix = uri.split("://", 1)[0] + "://" if "://" in str(p) else ""
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{p}: no such tile table")
@@ -138,7 +140,7 @@ def _list_parquet(path: str | Sequence[str], filesystem=None) -> list[tuple[str,
             files = sorted(f.path for f in sel if f.path.endswith(".parquet") and not Path(f.path).name.startswith("."))
         for f in files:
             with fs.open_input_file(f) as fh:
-                out.append((_rejoin(p, root, f), pq.ParquetFile(fh).metadata.num_row_groups))
+                out.append((prefix + f, pq.ParquetFile(fh).metadata.num_row_groups))
     if not out:
         raise FileNotFoundError(f"{path}: no Parquet files")
     return out
@@ -149,39 +151,29 @@ def _as_uri(p) -> str:
     return p if "://" in p else str(Path(p).resolve())
 
 
-def _rejoin(original, root: str, f: str) -> str:
-    original = str(original)
-    if "://" in original:
-        scheme = original.split("://", 1)[0]
-        return f"{scheme}://{f}"
-    return f
+def _read_decode_fn(columns: list[str], splits: list[str] | None, decode: bool):
+    """The per-task UDF: read row groups of one file (needed columns only), filter by split, decode."""
 
-
-class _ReadDecode:
-    """Read row groups of one Parquet file (only the needed columns), filter by split, decode."""
-
-    def __init__(self, columns: Sequence[str], splits: Sequence[str] | None, decode: bool):
-        self.columns, self.splits, self.decode = list(columns), splits, decode
-
-    def __call__(self, items: dict) -> Iterator:
+    def read_decode(items: pa.Table) -> Iterator:
         import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
-        for uri, start, stop in zip(items["path"], items["start"], items["stop"]):
+        for uri, start, stop in zip(*(items.column(c).to_pylist() for c in ("path", "start", "stop"))):
             fs, path = pafs.FileSystem.from_uri(_as_uri(uri))
             with fs.open_input_file(path) as fh:
                 pf = pq.ParquetFile(fh)
-                for rg in range(int(start), int(stop)):
-                    table = pf.read_row_group(rg, columns=self.columns)
-                    if self.splits is not None:
-                        table = table.filter(pa.compute.is_in(table.column("split"), pa.array(self.splits)))
+                for rg in range(start, stop):
+                    table = pf.read_row_group(rg, columns=columns)
+                    if splits is not None:
+                        table = table.filter(pa.compute.is_in(table.column("split"), pa.array(splits)))
                     if table.num_rows:
-                        yield decode_tiles(table) if self.decode else table
+                        yield decode_tiles(table) if decode else table
+
+    return read_decode
 
 
 def read_tiles(path: str | Sequence[str], split: str | Sequence[str] | None = None,
-               columns: Sequence[str] = DEFAULT_COLUMNS, decode: bool = True, filesystem=None,
-               row_groups_per_task: int = 4):
+               columns: Sequence[str] = DEFAULT_COLUMNS, decode: bool = True, row_groups_per_task: int = 4):
     """A Ray Dataset of (decoded) tiles from a tile table: a local path or any pyarrow URI (``s3://…``).
 
     Reading and decoding happen in one Ray Data operator over units of
@@ -201,18 +193,10 @@ def read_tiles(path: str | Sequence[str], split: str | Sequence[str] | None = No
     splits = None if split is None else ([split] if isinstance(split, str) else list(split))
     cols = list(dict.fromkeys([*columns, *(["split"] if splits is not None else [])]))
     units = [{"path": f, "start": s, "stop": min(s + row_groups_per_task, n)}
-             for f, n in _list_parquet(path, filesystem) for s in range(0, n, row_groups_per_task)]
+             for f, n in _list_parquet(path) for s in range(0, n, row_groups_per_task)]
     items = ray.data.from_items(units, override_num_blocks=len(units))
     return items.map_batches(_read_decode_fn(cols, splits, decode), batch_size=1, batch_format="pyarrow")
 
-
-def _read_decode_fn(cols, splits, decode):
-    reader = _ReadDecode(cols, splits, decode)
-
-    def read_decode(items: pa.Table):
-        yield from reader(items.to_pydict())
-
-    return read_decode
 
 
 def _augment(batch: dict, colour: bool) -> dict:
