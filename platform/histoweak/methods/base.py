@@ -1,0 +1,190 @@
+"""The method contract: typed hyperparameters, one training step, predict, a declared selection metric.
+
+A method subclasses ``Method``, declares a ``Hparams`` dataclass, and
+implements ``_loss(batch)``; the base class owns the optimizer step, mixed
+precision and gradient bookkeeping. Methods register by name::
+
+    @register_method("erm")
+    class ERM(Method): ...
+
+and are built with ``build_method("erm", {"lr": 1e-3}, task)``; an unknown
+name or hyperparameter fails with the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from histoweak import metrics as M
+
+__all__ = ["METHODS", "Hparams", "Method", "Task", "build_method", "register_method"]
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the data asks of a model: how many outputs and which target.
+
+    target : ``"class:<c>"`` — binary, is class c present in the tile (GERNE eq. 3);
+             ``"labels"`` — multi-label presence of classes 1..C-1 (background excluded);
+             ``"label"`` — the row's integer label column (e.g. a slide label).
+    n_classes : classes of the tile table including background (from its manifest).
+    """
+
+    target: str = "class:1"
+    n_classes: int = 5
+
+    def __post_init__(self):
+        if not (self.target in ("labels", "label") or self.target.startswith("class:")):
+            raise ValueError(f"task target {self.target!r}: use 'class:<index>', 'labels' or 'label'")
+        if self.target.startswith("class:"):
+            c = int(self.target.split(":", 1)[1])
+            if not 0 < c < self.n_classes:
+                raise ValueError(f"task target {self.target!r}: class must be in 1..{self.n_classes - 1}")
+
+    @property
+    def multilabel(self) -> bool:
+        return self.target == "labels"
+
+    @property
+    def n_outputs(self) -> int:
+        if self.multilabel:
+            return self.n_classes - 1
+        return 2  # binary presence or a binary label column
+
+    def targets(self, batch: dict) -> torch.Tensor:
+        """(N,) int64 class targets, or (N, C-1) float multi-hot targets."""
+        if self.target == "labels":
+            return batch["labels"][:, 1:].float()
+        if self.target == "label":
+            return batch["label"].long()
+        c = int(self.target.split(":", 1)[1])
+        return (batch["labels"][:, c] > 0).long()
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """Hyperparameters every method has; methods extend this dataclass."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str | None = "imagenet"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    amp: bool = True  # mixed precision, used on GPU only
+
+
+def _check_hparams(cls: type[Hparams], values: dict[str, Any], method: str) -> Hparams:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"method {method!r}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
+    return cls(**values)
+
+
+def register_method(name: str):
+    """Class decorator: make a ``Method`` buildable by ``name``."""
+
+    def deco(cls):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_method(name: str, hparams: dict[str, Any] | None = None, task: Task | None = None) -> "Method":
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}") from None
+    return cls(_check_hparams(cls.Hparams, dict(hparams or {}), name), task or Task())
+
+
+class Method(nn.Module):
+    """Base class: owns the model's optimizer step; subclasses define ``_build``, ``_loss`` and ``forward``."""
+
+    name: ClassVar[str] = "?"
+    Hparams: ClassVar[type[Hparams]] = Hparams
+    #: validation metric used to pick the best checkpoint, and whether higher is better
+    selection_metric: ClassVar[str] = "val_bca"
+    selection_mode: ClassVar[str] = "max"
+
+    def __init__(self, hparams: Hparams, task: Task):
+        super().__init__()
+        self.hparams, self.task = hparams, task
+        self._build()
+        self.optimizer = self.configure_optimizer()
+        self._scaler: torch.amp.GradScaler | None = None
+
+    # -- to implement ---------------------------------------------------------
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # -- shared mechanics -----------------------------------------------------
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on ``batch``; returns floats to log (at least ``loss``)."""
+        self.train()
+        use_amp = self.hparams.amp and self.device.type == "cuda"
+        if use_amp and self._scaler is None:
+            self._scaler = torch.amp.GradScaler("cuda")
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=use_amp):
+            loss, logs = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"method {self.name!r}: non-finite loss {loss.item()}")
+        if use_amp:
+            self._scaler.scale(loss).backward()
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return {"loss": float(loss.detach()), **logs}
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        """Class probabilities: (N, n_outputs) — softmax, or per-label sigmoid for multi-label tasks."""
+        self.eval()
+        logits = self(batch["image"])
+        return torch.sigmoid(logits) if self.task.multilabel else logits.softmax(1)
+
+    def evaluate(self, targets: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None,
+                 prefix: str = "val") -> dict[str, float]:
+        """Metrics of predictions on a whole split (see ``histoweak.metrics``)."""
+        out: dict[str, float] = {}
+        if self.task.multilabel:
+            pred = (probs > 0.5).astype(int)
+            out.update({f"{prefix}_{k}": v for k, v in M.f1_scores(targets.astype(int), pred).items()})
+            out[f"{prefix}_acc"] = float((pred == targets).all(1).mean())
+            out[f"{prefix}_bca"] = float(np.mean([M.balanced_accuracy(targets[:, c], pred[:, c])
+                                                  for c in range(targets.shape[1])]))
+            return out
+        pred = probs.argmax(1)
+        out[f"{prefix}_acc"] = M.accuracy(targets, pred)
+        out[f"{prefix}_bca"] = M.balanced_accuracy(targets, pred)
+        out.update({f"{prefix}_{k}": v for k, v in M.f1_scores(targets, pred, probs.shape[1]).items()})
+        if probs.shape[1] == 2:
+            out[f"{prefix}_auroc"] = M.auroc(targets, probs[:, 1])
+        if groups is not None and (groups >= 0).all():
+            out[f"{prefix}_wga"] = M.worst_group_accuracy(targets, pred, groups)
+            out[f"{prefix}_gba"] = M.group_balanced_accuracy(targets, pred, groups)
+        return out
