@@ -30,6 +30,7 @@ __all__ = [
     "ResourcePlan",
     "TorchCollate",
     "apply_resource_plan",
+    "augment_dataset",
     "balanced_batches",
     "decode_tiles",
     "plan_resources",
@@ -204,6 +205,11 @@ def _augment(batch: dict, colour: bool) -> dict:
     return augment_batch(batch, seed=None, colour=colour)
 
 
+def augment_dataset(ds, colour: bool = True):
+    """Random flips, rot90 (images and masks) and colour jitter (images), after any ``materialize()``."""
+    return ds.map_batches(_augment, fn_kwargs={"colour": colour}, batch_format="numpy", batch_size=None)
+
+
 class TorchCollate(NumpyBatchCollateFn):
     """Numpy batch -> torch tensors: images (N, 3, H, W) float32 in [0, 1], masks int64, strings as lists."""
 
@@ -232,9 +238,7 @@ def torch_batches(ds, batch_size: int = 64, augment: bool = False, colour: bool 
     ``augment`` applies random flips, rot90 and colour jitter per batch (fresh entropy; ``seed``
     fixes the shuffle order only).
     """
-    it = ds
-    if augment:
-        it = ds.map_batches(_augment, fn_kwargs={"colour": colour}, batch_format="numpy", batch_size=None)
+    it = augment_dataset(ds, colour) if augment else ds  # a Dataset; a DataIterator shard is used as is
 
     kwargs = dict(batch_size=batch_size, collate_fn=TorchCollate(), drop_last=drop_last, prefetch_batches=prefetch_batches)
     if shuffle_buffer:

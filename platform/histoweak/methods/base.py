@@ -23,7 +23,7 @@ from torch import nn
 
 from histoweak import metrics as M
 
-__all__ = ["METHODS", "Hparams", "Method", "Task", "build_method", "register_method"]
+__all__ = ["METHODS", "Hparams", "Method", "Task", "average_gradients", "build_method", "check_hparams", "register_method"]
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -80,12 +80,34 @@ class Hparams:
     amp: bool = True  # mixed precision, used on GPU only
 
 
-def _check_hparams(cls: type[Hparams], values: dict[str, Any], method: str) -> Hparams:
+def check_hparams(cls: type[Hparams], values: dict[str, Any], method: str) -> Hparams:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"method {method!r}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
     return cls(**values)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """Average gradients across torch.distributed workers (a no-op without a process group of 2+).
+
+    Called between backward and the optimizer step, so it serves any
+    method, including ones with several forward passes per step.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def register_method(name: str):
@@ -106,7 +128,7 @@ def build_method(name: str, hparams: dict[str, Any] | None = None, task: Task | 
         cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}") from None
-    return cls(_check_hparams(cls.Hparams, dict(hparams or {}), name), task or Task())
+    return cls(check_hparams(cls.Hparams, dict(hparams or {}), name), task or Task())
 
 
 class Method(nn.Module):
@@ -153,10 +175,12 @@ class Method(nn.Module):
             raise FloatingPointError(f"method {self.name!r}: non-finite loss {loss.item()}")
         if use_amp:
             self._scaler.scale(loss).backward()
+            average_gradients(self)
             self._scaler.step(self.optimizer)
             self._scaler.update()
         else:
             loss.backward()
+            average_gradients(self)
             self.optimizer.step()
         return {"loss": float(loss.detach()), **logs}
 
