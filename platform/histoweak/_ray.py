@@ -12,6 +12,9 @@ LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Ray Data's per-operator bars inside Train workers interleave with Tune's progress table; Tune's table
+# and the tiling bar are the progress users read.
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
@@ -20,7 +23,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     Inside ``ray job submit`` the job's driver already knows its cluster
     (``RAY_ADDRESS`` is set), so the same script runs on a laptop and on a cluster.
     """
-    for key, value in LOOPBACK_ENV.items():
+    for key, value in {**LOOPBACK_ENV, **QUIET_ENV}.items():
         os.environ.setdefault(key, value)
     import ray
 

@@ -1,4 +1,4 @@
-"""The ``histoweak`` command: ``synth`` and ``tile`` (``train``, ``tune``, ``report`` come with the experiment plane)."""
+"""The ``histoweak`` command: ``synth``, ``tile``, ``train``, ``tune``, ``report``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,19 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = None) -> None:
+    """Arguments shared by ``histoweak tune`` and ``jobs/tune_*.py``."""
+    if default_space:
+        p.add_argument("search_space", nargs="?", default=default_space)
+    else:
+        p.add_argument("search_space", help="search_spaces/<name>.yaml")
+    p.add_argument("--data", default=None, help="tile table (default: the embedded synthetic dataset)")
+    p.add_argument("--storage", default=".cache/ray_results", help="Ray Tune/Train results (shared storage on a cluster)")
+    p.add_argument("--address", default=None)
+    p.add_argument("--smoke-test", action="store_true", help="apply the file's `smoke:` overrides, tiny data")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def run_tiling(args: argparse.Namespace) -> int:
     """Validate everything, tile, print the summary; non-zero exit when any slide failed."""
     from histoweak._ray import init_ray
@@ -67,6 +80,100 @@ def run_tiling(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+def resolve_data(data: str | None, smoke: bool = False) -> tuple[str, int]:
+    """A tile table path and its class count; the embedded synthetic dataset when ``data`` is None."""
+    from histoweak.data.defaults import default_tile_table, n_classes_of
+
+    table = data or str(default_tile_table(preset="tiny" if smoke else "default"))
+    return table, n_classes_of(table)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from histoweak._ray import init_ray
+    from histoweak.train import TrainConfig, fit
+
+    values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{args.config}: must be a mapping of TrainConfig fields")
+    values["method"] = args.method or values.get("method", "erm")
+    if args.smoke_test:
+        values.update(epochs=1, steps_per_epoch=2, batch_size=8)
+    cfg = TrainConfig.from_dict(values)  # fails on a bad key before any work
+    init_ray(args.address)
+    table, n_classes = resolve_data(args.data, args.smoke_test)
+    out = fit(cfg, table, n_classes)
+    print(f"best {cfg.method} checkpoint: {out.checkpoint}")
+    for k, v in {**out.best, **out.test}.items():
+        if isinstance(v, float):
+            print(f"  {k}: {v:.4f}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from histoweak._ray import init_ray
+    from histoweak.tune import load_search_space, run_sweep
+
+    space = load_search_space(args.search_space)  # fails on a bad key before any work
+    if args.smoke_test:
+        space = space.with_overrides(space.smoke)
+    init_ray(args.address)
+    table, n_classes = resolve_data(args.data or space.data, args.smoke_test)
+    rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress)
+    _print_rows(rows, f"sweep {space.name}: {len(rows)} trials, best first")
+    from histoweak import tracking
+
+    uri = tracking.tracking_uri()
+    print(f"\nMLflow: {uri} (experiment {space.name!r})")
+    if uri.startswith("sqlite:///"):
+        print(f"  browse it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    return 0
+
+
+def _print_rows(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    if not rows:
+        print("  (no finished trials)")
+        return
+    keys = [k for k in rows[0] if k not in ("mlflow_run_id",)]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = {k: min(max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)), 40) for k in keys}
+    print("  " + "  ".join(k[:40].ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  " + "  ".join(fmt(r.get(k, ""))[:40].ljust(widths[k]) for k in keys))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from histoweak import figures, tracking
+
+    parent, children = tracking.latest_sweep(args.experiment)
+    metric = parent.data.params.get("metric", "val_bca")
+    key = f"best_{metric}"
+    mode = parent.data.params.get("mode", "max")
+    rows = []
+    for c in children:
+        swept = {k: _num(v) for k, v in c.data.params.items() if k.startswith("swept.")}
+        rows.append({"trial": c.info.run_name, "status": c.info.status, **swept,
+                     key: c.data.metrics.get(key, float("nan")),
+                     **{k: v for k, v in c.data.metrics.items() if k.startswith("test_")}})
+    rows.sort(key=lambda r: (r[key] == r[key], r[key] if mode == "max" else -r[key]), reverse=True)
+    exp = parent.data.tags.get("sweep", "?")
+    _print_rows(rows, f"sweep {exp!r}, run {parent.info.run_name} ({parent.info.run_id}): best first by {key}")
+    out = Path(args.out or f"report-{exp}.png")
+    fig = figures.metric_vs_params_figure(rows, key, sorted({k for r in rows for k in r if k.startswith("swept.")}))
+    fig.savefig(out, dpi=110)
+    print(f"\n{key} vs the swept parameters: {out.resolve()}")
+    return 0
+
+
+def _num(v: str):
+    try:
+        return float(v) if any(c in v for c in ".eE") else int(v)
+    except ValueError:
+        return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from histoweak.data.synthetic import PRESETS
 
@@ -85,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tile", help="tile slides (and masks) into a Parquet tile table with Ray")
     add_tiling_arguments(p)
     p.set_defaults(func=run_tiling)
+
+    p = sub.add_parser("train", help="train one method with Ray Train")
+    p.add_argument("--method", default=None, help="registered method (default: erm)")
+    p.add_argument("--data", default=None, help="tile table (default: the embedded synthetic dataset)")
+    p.add_argument("--config", default=None, help="YAML of TrainConfig fields (epochs, batch_size, hparams, ...)")
+    p.add_argument("--address", default=None)
+    p.add_argument("--smoke-test", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="run a Ray Tune sweep from a search-space YAML, recorded in MLflow")
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="print a sweep's leaderboard and plot its metric vs the swept parameters")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (= sweep name; default: the newest)")
+    p.add_argument("--out", default=None, help="PNG path (default: report-<experiment>.png)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.train.v2.api.callback import UserCallback
 
 from histoweak.data.streaming import apply_resource_plan, augment_dataset, plan_resources, read_tiles, torch_batches
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import Task, check_hparams
 
-__all__ = ["TrainConfig", "TrainOutcome", "evaluate", "fit", "train_loop_per_worker"]
+__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "evaluate", "fit", "train_loop_per_worker"]
 
 TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio")
 
@@ -177,6 +178,19 @@ def _maybe_inject_fault(epoch: int, rank: int) -> None:
     if kill_at is not None and marker and int(kill_at) == epoch and rank == 0 and not os.path.exists(marker):
         Path(marker).touch()
         os.kill(os.getpid(), 9)
+
+
+class MlflowMetricsCallback(UserCallback):
+    """Logs rank 0's per-epoch metrics to an MLflow run; runs in the Ray Train controller, never on workers."""
+
+    def __init__(self, run_id: str, uri: str):
+        self.run_id, self.uri = run_id, uri
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from histoweak import tracking
+
+        m = metrics[0]
+        tracking.log_metrics(self.run_id, m, step=int(m.get("epoch", 0)), uri=self.uri)
 
 
 def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | None = None) -> TrainOutcome:

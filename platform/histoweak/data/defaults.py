@@ -1,0 +1,41 @@
+"""The embedded default dataset: synthetic slides tiled into a cache directory on first use, reused after."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["default_tile_table", "n_classes_of"]
+
+_TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_size=128, min_tissue=0.3)}
+
+
+def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default") -> Path:
+    """Path to the tiled synthetic ``preset`` under ``cache`` (synthesized and tiled when missing)."""
+    from histoweak._ray import init_ray
+    from histoweak.data.synthetic import synthesize
+    from histoweak.data.tiling_job import discover_slides, load_classes, tile_dataset
+    from histoweak.slides.tiling import TilingParams
+
+    root = Path(cache).resolve() / preset
+    tiles = root / "tiles"
+    manifest = tiles / "_manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("counts", {}).get("pending", 1) == 0:
+        return tiles
+    if not (root / "slides" / "slides.csv").exists():
+        print(f"histoweak: synthesizing the {preset!r} dataset into {root / 'slides'} (first use)")
+        synthesize(root / "slides", preset)
+    init_ray()
+    report = tile_dataset(discover_slides(root / "slides" / "slides.csv"), tiles, TilingParams(**_TILING[preset]),
+                          load_classes(root / "slides" / "classes.json"), source=f"synthetic-{preset}")
+    if report.failures:
+        raise RuntimeError(f"tiling the default dataset failed: {report.failures}")
+    return tiles
+
+
+def n_classes_of(tile_table: str | Path) -> int:
+    """Number of classes (with background) recorded in a tile table's manifest."""
+    m = Path(tile_table) / "_manifest.json"
+    if not m.exists():
+        raise FileNotFoundError(f"{m}: not a histoweak tile table (no manifest)")
+    return len(json.loads(m.read_text())["classes"])

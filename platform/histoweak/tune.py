@@ -1,0 +1,306 @@
+"""Ray Tune sweeps from ``search_spaces/*.yaml``, recorded in MLflow (the only module that knows Ray Tune).
+
+A search-space file::
+
+    name: erm-lr-wd                 # sweep (and MLflow experiment) name
+    method: erm
+    train: {epochs: 3, batch_size: 32, target: "class:1"}   # fixed TrainConfig fields
+    hparams: {backbone: tf_efficientnet_lite0}              # fixed method hyperparameters
+    params:                         # swept: "hparams.<name>" or "train.<name>"
+      hparams.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      hparams.weight_decay: {choice: [0.0, 1.0e-4]}
+    metric: val_bca                 # default: the method's selection metric
+    mode: max
+    num_samples: 4
+    scheduler: {type: asha, grace_period: 1}                # or {type: fifo}
+    max_concurrent_trials: null     # default: one per GPU, else one per 2 CPUs
+    smoke: {num_samples: 2, train.epochs: 1, train.steps_per_epoch: 2}    # --smoke-test overrides
+
+Distributions: ``choice``, ``grid``, ``uniform``, ``loguniform``, ``randint``.
+Every key and value is checked on load; a bad one fails, naming it, before
+any work. Each trial is a run nested under the sweep's MLflow run; an
+interrupted sweep resumes (``Tuner.restore``) when rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histoweak.methods import METHODS
+from histoweak.train import TrainConfig
+
+__all__ = ["DISTRIBUTIONS", "SearchSpace", "load_search_space", "run_sweep"]
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+_TOP_KEYS = {"name", "method", "data", "train", "hparams", "params", "metric", "mode", "num_samples", "scheduler",
+             "max_concurrent_trials", "smoke", "description"}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    method: str
+    train: dict[str, Any] = field(default_factory=dict)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metric: str = ""
+    mode: str = "max"
+    num_samples: int = 1
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "fifo"})
+    max_concurrent_trials: int | None = None
+    data: str | None = None
+    smoke: dict[str, Any] = field(default_factory=dict)
+    source: str = "<dict>"
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "SearchSpace":
+        """Apply ``{"num_samples": 2, "train.epochs": 1, ...}`` and re-validate."""
+        raw = _to_raw(self)
+        for key, value in overrides.items():
+            section, _, sub = key.partition(".")
+            if sub:
+                raw.setdefault(section, {})[sub] = value
+                raw["params"].pop(key, None)  # a fixed override replaces a swept parameter
+            else:
+                raw[key] = value
+        return _validate(raw, self.source)
+
+    def trial_config(self, sampled: dict[str, Any]) -> TrainConfig:
+        train, hparams = dict(self.train), dict(self.hparams)
+        for key, value in sampled.items():
+            section, _, sub = key.partition(".")
+            (train if section == "train" else hparams)[sub] = value
+        return TrainConfig.from_dict({**train, "method": self.method, "hparams": hparams})
+
+
+def _to_raw(space: SearchSpace) -> dict:
+    raw = dataclasses.asdict(space)
+    raw.pop("source")
+    raw["train"], raw["hparams"], raw["params"] = dict(space.train), dict(space.hparams), dict(space.params)
+    return raw
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML; ``ValueError`` names the file and the bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read search space ({exc})") from None
+    return _validate(raw, str(path))
+
+
+def _validate(raw: Any, where: str) -> SearchSpace:
+    def bad(key: str, why: str):
+        raise ValueError(f"{where}: {key!r}: {why}")
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a search space must be a mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        bad(unknown[0], f"unknown key; valid: {sorted(_TOP_KEYS)}")
+    for key in ("name", "method"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            bad(key, "required, a non-empty string")
+    if raw["method"] not in METHODS:
+        bad("method", f"unknown {raw['method']!r}; valid: {sorted(METHODS)}")
+    method = METHODS[raw["method"]]
+    hp_fields = {f.name for f in dataclasses.fields(method.Hparams)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "hparams"}
+    for section, valid in (("train", train_fields), ("hparams", hp_fields)):
+        value = raw.get(section) or {}
+        if not isinstance(value, dict):
+            bad(section, "must be a mapping")
+        for k in value:
+            if k not in valid:
+                bad(f"{section}.{k}", f"unknown; valid: {sorted(valid)}")
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        bad("params", "must be a mapping of '<section>.<name>' to a distribution")
+    for key, dist in params.items():
+        section, _, sub = str(key).partition(".")
+        if section not in ("train", "hparams") or sub not in (train_fields if section == "train" else hp_fields):
+            bad(f"params.{key}", f"must be hparams.<one of {sorted(hp_fields)}> or train.<one of {sorted(train_fields)}>")
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            bad(f"params.{key}", f"must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}")
+        kind, args = next(iter(dist.items()))
+        if kind in ("choice", "grid"):
+            if not isinstance(args, list) or not args:
+                bad(f"params.{key}.{kind}", "must be a non-empty list")
+        else:
+            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+                    and args[0] < args[1]):
+                bad(f"params.{key}.{kind}", "must be [low, high] numbers with low < high")
+            if kind == "loguniform" and args[0] <= 0:
+                bad(f"params.{key}.loguniform", "bounds must be > 0")
+    metric = raw.get("metric") or method.selection_metric
+    if not isinstance(metric, str) or not metric.startswith(("val_", "best_val_")):
+        bad("metric", f"must be a validation metric (val_*), got {metric!r}")
+    mode = raw.get("mode") or method.selection_mode
+    if mode not in ("max", "min"):
+        bad("mode", f"must be 'max' or 'min', got {mode!r}")
+    n = raw.get("num_samples", 1)
+    if not isinstance(n, int) or n < 1:
+        bad("num_samples", f"must be an integer >= 1, got {n!r}")
+    sched = raw.get("scheduler") or {"type": "fifo"}
+    if not isinstance(sched, dict) or sched.get("type") not in ("fifo", "asha"):
+        bad("scheduler", "must be {type: fifo} or {type: asha, grace_period: N, reduction_factor: N}")
+    extra = set(sched) - {"type", "grace_period", "reduction_factor"}
+    if extra:
+        bad(f"scheduler.{sorted(extra)[0]}", "unknown; valid: grace_period, reduction_factor")
+    mct = raw.get("max_concurrent_trials")
+    if mct is not None and (not isinstance(mct, int) or mct < 1):
+        bad("max_concurrent_trials", f"must be an integer >= 1 or null, got {mct!r}")
+    smoke = raw.get("smoke") or {}
+    if not isinstance(smoke, dict):
+        bad("smoke", "must be a mapping of overrides")
+    space = SearchSpace(name=raw["name"], method=raw["method"], train=dict(raw.get("train") or {}),
+                        hparams=dict(raw.get("hparams") or {}), params=dict(params), metric=metric, mode=mode,
+                        num_samples=n, scheduler=dict(sched), max_concurrent_trials=mct, data=raw.get("data"),
+                        smoke=dict(smoke), source=where)
+    try:  # the fixed settings must make a valid TrainConfig on their own
+        space.trial_config({k: _example(v) for k, v in params.items()})
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return space
+
+
+def _example(dist: dict) -> Any:
+    kind, args = next(iter(dist.items()))
+    return args[0]
+
+
+def _tune_domain(dist: dict):
+    from ray import tune
+
+    kind, args = next(iter(dist.items()))
+    return {"choice": lambda: tune.choice(args), "grid": lambda: tune.grid_search(args),
+            "uniform": lambda: tune.uniform(*args), "loguniform": lambda: tune.loguniform(*args),
+            "randint": lambda: tune.randint(int(args[0]), int(args[1]) + 1)}[kind]()
+
+
+def trial(config: dict) -> None:
+    """One Tune trial: a nested MLflow run around one ``train.fit``."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from histoweak import tracking
+    from histoweak.train import MlflowMetricsCallback, fit
+
+    ctx = config["_ctx"]
+    sampled = {k: v for k, v in config.items() if k != "_ctx"}
+    space = SearchSpace(**ctx["space"])
+    trial_name = ray.tune.get_context().get_trial_name()
+    cfg = space.trial_config(sampled)
+    cfg = dataclasses.replace(cfg, name=trial_name, storage_path=ctx["storage"] + "/trials")
+    uri = ctx["tracking_uri"]
+    run_id = tracking.child_run(ctx["parent_run_id"], trial_name,
+                                {**_flat(dataclasses.asdict(cfg)), **{f"swept.{k}": v for k, v in sampled.items()}},
+                                ctx["tags"], uri)
+    status = "FAILED"
+    try:
+        out = fit(cfg, ctx["tile_table"], ctx["n_classes"],
+                  callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
+        final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
+        tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
+        ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id})
+        status = "FINISHED"
+    finally:
+        tracking.end_run(run_id, status, uri)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path = ".cache/ray_results",
+              progress: bool = True) -> list[dict]:
+    """Run (or resume) the sweep; returns the leaderboard rows, best first, and logs it to MLflow."""
+    import ray
+    from ray import tune
+
+    from histoweak import figures, tracking
+
+    storage = str(Path(storage).resolve())
+    uri = tracking.tracking_uri()
+    tags = {"method": space.method, "dataset": str(tile_table), "dataset_hash": tracking.dataset_hash(tile_table),
+            "git_commit": tracking.git_commit(Path(__file__).parent), "sweep": space.name}
+    sweep_dir = Path(storage) / space.name
+    parent_id = tracking.parent_run(space.name, f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                    {"search_space": space.source, "metric": space.metric, "mode": space.mode,
+                                     "num_samples": space.num_samples, **_flat(space.train, "train."),
+                                     **_flat(space.hparams, "hparams."),
+                                     **{f"space.{k}": v for k, v in space.params.items()}}, tags, uri)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    concurrency = space.max_concurrent_trials or (max(gpus, 1) if gpus else max(1, cpus // 2))
+    scheduler = None
+    if space.scheduler["type"] == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.scheduler.get("grace_period", 1),
+                                  reduction_factor=space.scheduler.get("reduction_factor", 2),
+                                  max_t=int(space.train.get("epochs", TrainConfig.epochs)) + 1)
+    ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
+           "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags}
+    # The trial function only drives Ray Train (whose workers hold the real resources): a token CPU share.
+    trainable = tune.with_resources(trial, {"cpu": 0.01})
+    param_space = {k: _tune_domain(v) for k, v in space.params.items()}
+    status = "FAILED"
+    try:
+        if tune.Tuner.can_restore(str(sweep_dir)):
+            print(f"histoweak: resuming the interrupted sweep in {sweep_dir}")
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True,
+                                       param_space={**param_space, "_ctx": ctx})
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={**param_space, "_ctx": ctx},
+                tune_config=tune.TuneConfig(metric=f"best_{space.metric}" if scheduler is None else space.metric,
+                                            mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
+                                            max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name=space.name, storage_path=storage,
+                                          verbose=1 if progress else 0),
+            )
+        grid = tuner.fit()
+        rows = leaderboard(grid, space)
+        tracking.log_table(parent_id, rows, "leaderboard.csv", uri)
+        if rows:
+            best = rows[0]
+            tracking.log_metrics(parent_id, {f"best_{space.metric}": best.get(f"best_{space.metric}", float("nan")),
+                                             **{k: v for k, v in best.items() if k.startswith("test_")}}, uri=uri)
+            swept = [f"swept.{k}" for k in space.params]
+            tracking.log_figure(parent_id, figures.metric_vs_params_figure(rows, f"best_{space.metric}", swept),
+                                "summary.png", uri)
+        status = "FINISHED"
+        return rows
+    finally:
+        tracking.close_children(parent_id, uri)  # trials stopped early by the scheduler end as KILLED
+        tracking.end_run(parent_id, status, uri)
+
+
+def leaderboard(grid, space: SearchSpace) -> list[dict]:
+    key = f"best_{space.metric}"
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        if key not in m:
+            continue
+        row = {"trial": Path(str(r.path)).name, **{f"swept.{k}": r.config.get(k) for k in space.params},
+               key: m[key], **{k: v for k, v in m.items() if k.startswith("test_")},
+               "mlflow_run_id": m.get("mlflow_run_id")}
+        rows.append(row)
+    rev = space.mode == "max"
+    rows.sort(key=lambda r: (-math.inf if math.isnan(r[key]) else r[key]), reverse=rev)
+    return rows
