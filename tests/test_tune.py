@@ -1,0 +1,129 @@
+"""Sweeps: search-space validation, and a real sweep recorded in a real `mlflow server` on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histoweak.tune import load_search_space, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, **changes):
+    raw = yaml.safe_load((REPO / "search_spaces" / "erm.yaml").read_text())
+    for k, v in changes.items():
+        if v is None:
+            raw.pop(k, None)
+        else:
+            raw[k] = v
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sheduler": {"type": "asha"}}, r"'sheduler': unknown key"),
+    ({"method": "nope"}, r"'method': unknown 'nope'; valid: \['erm'"),
+    ({"params": {"hparams.lr": {"logunifrom": [1e-4, 1e-2]}}}, r"'params.hparams.lr': must be one of"),
+    ({"params": {"hparams.lr": {"loguniform": [0, 1e-2]}}}, r"'params.hparams.lr.loguniform': bounds must be > 0"),
+    ({"params": {"hparams.lrate": {"choice": [1]}}}, r"'params.hparams.lrate': must be hparams.<one of"),
+    ({"train": {"epochs": 0}}, r"'epochs'"),
+    ({"hparams": {"backbone": "x", "depth": 3}}, r"'hparams.depth': unknown"),
+    ({"metric": "test_bca"}, r"'metric': must be a validation metric"),
+    ({"num_samples": 0}, r"'num_samples'"),
+    ({"scheduler": {"type": "asha", "grace": 1}}, r"'scheduler.grace': unknown"),
+])
+def test_bad_search_space_is_rejected_naming_the_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message) as err:
+        load_search_space(_write(tmp_path, **change))
+    assert "space.yaml" in str(err.value)
+
+
+def test_bad_search_space_fails_the_job_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tune_erm.py"), str(_write(tmp_path, method="nope")),
+                           "--smoke-test"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "'method': unknown 'nope'" in proc.stderr
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_shipped_search_spaces_are_valid():
+    for path in (REPO / "search_spaces").glob("*.yaml"):
+        space = load_search_space(path)
+        space.with_overrides(space.smoke)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "artifacts")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_path, mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    space = load_search_space(REPO / "search_spaces" / "erm.yaml").with_overrides(
+        {"name": "erm-test", "num_samples": 3, "scheduler": {"type": "fifo"}, "train.epochs": 2,
+         "train.steps_per_epoch": 2, "train.batch_size": 8})
+    rows = run_sweep(space, str(tile_table), 5, storage=tmp_path / "rr", progress=False)
+    assert len(rows) == 3
+    keys = [r["best_val_bca"] for r in rows]
+    assert keys == sorted(keys, reverse=True)
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("erm-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+    assert {c.info.run_name for c in children} == {r["trial"].split("_hparams")[0].rsplit("_", 1)[0] for r in rows}
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert "swept.hparams.lr" in c.data.params and "swept.hparams.weight_decay" in c.data.params
+        assert c.data.tags["method"] == "erm" and c.data.tags["dataset_hash"] != "unknown"
+        assert len(c.data.tags["git_commit"]) == 40
+        history = client.get_metric_history(c.info.run_id, "val_bca")
+        assert sorted(m.step for m in history) == [0, 1]  # per-epoch metrics
+        assert {"test_bca", "test_acc", "best_val_bca"} <= set(c.data.metrics)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.csv", "summary.png"}
+    assert parent.info.status == "FINISHED" or client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+    # `histoweak report` reads the same store and prints the leaderboard
+    proc = subprocess.run([sys.executable, "-m", "histoweak.cli", "report", "--experiment", "erm-test",
+                           "--out", str(tmp_path / "r.png")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
+    assert proc.returncode == 0, proc.stderr
+    assert "best_val_bca" in proc.stdout and proc.stdout.count("FINISHED") == 3
+    assert (tmp_path / "r.png").stat().st_size > 1000
