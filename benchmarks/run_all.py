@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_streaming  # noqa: E402
+import bench_train  # noqa: E402
 import bench_tiling  # noqa: E402
 
 
@@ -20,10 +21,14 @@ def main() -> None:
 
     ray.shutdown()  # the streaming benchmark forks its baselines before starting Ray
     streaming = bench_streaming.main(size)
+    ray.shutdown()
+    train = bench_train.main(["--trials", "4"] if quick else [])
     print("\n== summary ==")
     print(f"tiling: histoweak / DeepZoom single process = {tiling['ratio']:.2f}x (goal >= 1.6x)")
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
           f"of ceiling = {streaming['vs_ceiling']:.0%} (goal >= 70%)")
+    print(f"training: Ray Train / plain PyTorch steps/s = {train['train_ratio']:.2f}x (goal >= 0.9x)")
+    print(f"sweep: wall time / sum of trial training time = {train['sweep_ratio']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 `ray job submit` against such a head works."""
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
     temp = f"/tmp/hw-ray-head-{os.getpid()}"
     before = _ray_pids()
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--port=6391", "--dashboard-port=8271", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats",
+           "--port=6391", "--dashboard-port=8271", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
            # distinct agent ports: the session's local Ray (other tests) holds the defaults
            "--dashboard-agent-listen-port=52466", "--dashboard-agent-grpc-port=52467", "--runtime-env-agent-port=52468",
            "--metrics-export-port=52469", "--min-worker-port=20000", "--max-worker-port=20999"]
@@ -80,6 +81,19 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert "tiles from 3/3 slides" in job.stdout
+        # the ERM sweep, submitted the same way, records into the MLflow store the submitter names
+        store = tmp_path / "mlruns.db"
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}})
+        job = subprocess.run([ray_bin, "job", "submit", "--address", "http://127.0.0.1:8271", "--working-dir",
+                              str(repo), "--runtime-env-json", runtime_env, "--", "python", "jobs/tune_erm.py",
+                              "--smoke-test", "--no-progress"],
+                             env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store}")
+        runs = client.search_runs([client.get_experiment_by_name("erm-lr-wd").experiment_id])
+        assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 2  # the smoke sweep's two trials
     finally:
         # Not `ray stop`: it would also kill the session's local Ray that other tests use.
         procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]

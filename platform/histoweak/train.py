@@ -140,6 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     sel, mode = method.selection_metric, method.selection_mode
+    loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0, logs, n = time.perf_counter(), [], 0
         for i, batch in enumerate(torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)):
@@ -151,6 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
             n += len(batch["image"])
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean([l["loss"] for l in logs])) if logs else float("nan"),
                                      "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9),
+                                     "train_steps_per_s": len(logs) / max(time.perf_counter() - t0, 1e-9),
                                      "resumed_from_epoch": start_epoch}
         if rank == 0:
             metrics.update(evaluate(method, torch_batches(val_shard, batch_size=cfg.batch_size), "val"))
@@ -158,6 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
             if best is None or (score > best if mode == "max" else score < best):
                 best = score
             metrics[f"best_{sel}"] = best
+        metrics["loop_seconds"] = time.perf_counter() - loop_start  # this worker's time in the loop so far
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:

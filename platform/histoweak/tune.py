@@ -299,7 +299,7 @@ def leaderboard(grid, space: SearchSpace) -> list[dict]:
             continue
         row = {"trial": Path(str(r.path)).name, **{f"swept.{k}": r.config.get(k) for k in space.params},
                key: m[key], **{k: v for k, v in m.items() if k.startswith("test_")},
-               "mlflow_run_id": m.get("mlflow_run_id")}
+               "loop_seconds": m.get("loop_seconds"), "mlflow_run_id": m.get("mlflow_run_id")}
         rows.append(row)
     rev = space.mode == "max"
     rows.sort(key=lambda r: (-math.inf if math.isnan(r[key]) else r[key]), reverse=rev)
