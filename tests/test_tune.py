@@ -117,6 +117,7 @@ def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_pa
         history = client.get_metric_history(c.info.run_id, "val_bca")
         assert sorted(m.step for m in history) == [0, 1]  # per-epoch metrics
         assert {"test_bca", "test_acc", "best_val_bca"} <= set(c.data.metrics)
+        assert "test_confusion_matrix.png" in {a.path for a in client.list_artifacts(c.info.run_id)}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"leaderboard.csv", "summary.png"}
     assert parent.info.status == "FINISHED" or client.get_run(parent.info.run_id).info.status == "FINISHED"
 

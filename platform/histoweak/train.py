@@ -37,7 +37,8 @@ from histoweak.data.streaming import apply_resource_plan, augment_dataset, plan_
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import Task, check_hparams
 
-__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "evaluate", "fit", "train_loop_per_worker"]
+__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "evaluate", "fit", "predict_split", "score_checkpoint",
+           "train_loop_per_worker"]
 
 TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio")
 
@@ -94,6 +95,7 @@ class TrainOutcome:
     test: dict[str, float]  # the best checkpoint on the test split
     checkpoint: str | None
     path: str
+    test_predictions: dict[str, np.ndarray] = field(default_factory=dict)  # targets, probs, groups
 
 
 def _seed_everything(seed: int) -> None:
@@ -102,8 +104,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluate(method, batches, prefix: str) -> dict[str, float]:
-    """Run ``method.predict`` over ``batches`` and compute the method's metrics for the whole split."""
+def predict_split(method, batches) -> dict[str, np.ndarray]:
+    """``method.predict`` over ``batches``: targets, probs (N, outputs) and groups (-1 where unset)."""
     targets, probs, groups = [], [], []
     device = method.device
     for b in batches:
@@ -113,7 +115,13 @@ def evaluate(method, batches, prefix: str) -> dict[str, float]:
         groups.append(b["group"].cpu().numpy() if "group" in b else np.full(len(probs[-1]), -1))
     if not probs:
         return {}
-    return method.evaluate(np.concatenate(targets), np.concatenate(probs), np.concatenate(groups), prefix=prefix)
+    return {"targets": np.concatenate(targets), "probs": np.concatenate(probs), "groups": np.concatenate(groups)}
+
+
+def evaluate(method, batches, prefix: str) -> dict[str, float]:
+    """Run ``method.predict`` over ``batches`` and compute the method's metrics for the whole split."""
+    pred = predict_split(method, batches)
+    return method.evaluate(pred["targets"], pred["probs"], pred["groups"], prefix=prefix) if pred else {}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -237,13 +245,17 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     result = trainer.fit()
     best_ckpt = result.get_best_checkpoint(metric=sel, mode=mode) if result.best_checkpoints else result.checkpoint
     best_metrics = next((m for c, m in result.best_checkpoints if c.path == best_ckpt.path), {}) if best_ckpt else {}
-    test = score_checkpoint(best_ckpt, tile_table, n_classes, "test") if best_ckpt else {}
+    test, predictions = score_checkpoint(best_ckpt, tile_table, n_classes, "test") if best_ckpt else ({}, {})
     return TrainOutcome(metrics=dict(result.metrics or {}), best=dict(best_metrics), test=test,
-                        checkpoint=best_ckpt.path if best_ckpt else None, path=str(result.path))
+                        checkpoint=best_ckpt.path if best_ckpt else None, path=str(result.path),
+                        test_predictions=predictions)
 
 
-def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "test") -> dict[str, float]:
-    """Load a checkpoint written by ``train_loop_per_worker`` and evaluate it on ``split`` (in this process)."""
+def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "test"):
+    """Load a checkpoint written by ``train_loop_per_worker`` and evaluate it on ``split`` (in this process).
+
+    Returns (metrics, predictions) with predictions as from ``predict_split``.
+    """
     with checkpoint.as_directory() as d:
         saved = json.loads((Path(d) / "config.json").read_text())
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
@@ -256,4 +268,5 @@ def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "
         method = build_method(cfg.method, hp, Task(cfg.target, n_classes))
     method.load_state_dict(state["model"])
     ds = read_tiles(tile_table, split=split, columns=list(TRAIN_COLUMNS))
-    return evaluate(method, torch_batches(ds, batch_size=cfg.batch_size), split)
+    pred = predict_split(method, torch_batches(ds, batch_size=cfg.batch_size))
+    return (method.evaluate(pred["targets"], pred["probs"], pred["groups"], prefix=split) if pred else {}), pred

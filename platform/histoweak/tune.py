@@ -209,10 +209,30 @@ def trial(config: dict) -> None:
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
         final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
+        _log_test_figures(run_id, uri, out.test_predictions, cfg.target)
         ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id})
         status = "FINISHED"
     finally:
         tracking.end_run(run_id, status, uri)
+
+
+def _log_test_figures(run_id: str, uri: str, pred: dict, target: str) -> None:
+    """Confusion matrix and (when the tiles carry groups) per-group accuracy of the best checkpoint on test."""
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, metrics, tracking
+
+    if not pred or pred["probs"].ndim != 2 or target == "labels":
+        return
+    y, p = pred["targets"], pred["probs"].argmax(1)
+    k = pred["probs"].shape[1]
+    fig = figures.confusion_matrix_figure(metrics.confusion_matrix(y, p, k), [f"{target}={i}" for i in range(k)])
+    tracking.log_figure(run_id, fig, "test_confusion_matrix.png", uri)
+    plt.close(fig)
+    if (pred["groups"] >= 0).all():
+        fig = figures.group_accuracy_figure(metrics.group_accuracies(y, p, pred["groups"]), "test accuracy per group")
+        tracking.log_figure(run_id, fig, "test_group_accuracy.png", uri)
+        plt.close(fig)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
