@@ -54,6 +54,9 @@ def metric_vs_params_figure(rows: list[dict], metric: str, params: list[str]):
             pos = [x for x in xs if x > 0]
             if pos and len(pos) == len(xs) and max(pos) / min(pos) > 100:
                 ax.set_xscale("log")
+            else:
+                ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+            ax.tick_params(axis="x", labelrotation=30)
         else:
             labels = sorted({str(x) for x in xs})
             ax.scatter([labels.index(str(x)) for x in xs], ys)
