@@ -80,12 +80,17 @@ def test_balanced_stream_frequencies(tile_table, ray_local):
 
 
 def test_plan_resources():
-    p = plan_resources(2, 2)
-    assert p.cpus_per_worker * 2 + p.data_cpus == 2 and p.data_cpus >= 1
-    p = plan_resources(2, 1)
-    assert p.cpus_per_worker >= 0.25 and p.data_cpus >= 1
-    p = plan_resources(64, 8)
-    assert p.cpus_per_worker * 8 + p.data_cpus == 64 and p.cpus_per_worker >= 1
+    from histoweak.data.streaming import DRIVER_RESERVE_CPUS
+
+    for total, n in [(2, 1), (2, 2), (4, 1), (64, 8)]:
+        p = plan_resources(total, n)
+        assert p.data_cpus >= 1.0  # a 1-CPU decode task always fits under the cap
+        assert p.cpus_per_worker >= 0.25
+        # workers + one decode task + the driver's token share fit on the node at once
+        assert p.cpus_per_worker * n + 1.0 + DRIVER_RESERVE_CPUS <= total
+    assert plan_resources(64, 8).cpus_per_worker >= 1
+    with pytest.raises(ValueError, match="at least 1.5 CPUs"):
+        plan_resources(1, 1)
 
 
 def test_two_train_style_consumers_do_not_starve(tile_table, ray_local):

@@ -128,3 +128,49 @@ def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "best_val_bca" in proc.stdout and proc.stdout.count("FINISHED") == 3
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path):
+    """Ctrl-C a 3-trial sweep after its first trial, rerun the same command: it resumes and finishes."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    space = _write(tmp_path, name="erm-resume", num_samples=3, scheduler={"type": "fifo"},
+                   train={"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "target": "class:1"})
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    cmd = [sys.executable, str(REPO / "jobs" / "tune_erm.py"), str(space), "--data", str(tile_table), "--no-progress"]
+
+    def finished_children(client):
+        exp = client.get_experiment_by_name("erm-resume")
+        if exp is None:
+            return [], []
+        runs = client.search_runs([exp.experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    client = MlflowClient(store)
+    deadline = time.time() + 400
+    while time.time() < deadline and first.poll() is None:
+        if (tmp_path / "mlruns.db").exists() and len(finished_children(client)[1]) >= 1:
+            break
+        time.sleep(2)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    first.send_signal(signal.SIGINT)
+    try:
+        first.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert len(finished_children(client)[1]) < 3
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming the sweep" in again.stdout
+    parents, done = finished_children(client)
+    assert len(parents) == 1  # the resumed sweep logs into its original run
+    assert len(done) == 3
+    assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"

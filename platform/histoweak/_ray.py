@@ -33,9 +33,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
+    # CPUs of a trial stopped early by ASHA stay reserved and the next trial's Ray Data tasks never start.
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         _temp_dir=temp_dir or os.environ.get("HISTOWEAK_RAY_TMP"),
         log_to_driver=True,

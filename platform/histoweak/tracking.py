@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["child_run", "close_children", "dataset_hash", "end_run", "git_commit", "log_figure", "log_metrics", "log_table",
-           "latest_sweep", "parent_run", "tracking_uri"]
+           "latest_sweep", "parent_run", "reopen_run", "tracking_uri"]
 
 
 def tracking_uri() -> str:
@@ -116,6 +116,11 @@ def log_table(run_id: str, rows: list[dict], name: str, uri: str | None = None) 
             w.writeheader()
             w.writerows(rows)
         _client(uri).log_artifact(run_id, str(path))
+
+
+def reopen_run(run_id: str, uri: str | None = None) -> None:
+    """Mark a run RUNNING again (a resumed sweep goes on logging into its original run)."""
+    _client(uri).update_run(run_id, status="RUNNING")
 
 
 def close_children(parent_id: str, uri: str | None = None) -> None:

@@ -204,8 +204,13 @@ class MlflowMetricsCallback(UserCallback):
         tracking.log_metrics(self.run_id, m, step=int(m.get("epoch", 0)), uri=self.uri)
 
 
-def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | None = None) -> TrainOutcome:
-    """Train ``config`` on the tile table's train split, select on val, score the best checkpoint on test."""
+def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | None = None,
+        cpu_share: float | None = None) -> TrainOutcome:
+    """Train ``config`` on the tile table's train split, select on val, score the best checkpoint on test.
+
+    ``cpu_share``: the CPUs this run may plan with on a CPU-only cluster (a sweep running k trials at
+    once gives each 1/k of the cluster); default all of them.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -216,8 +221,9 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     if use_gpu:
         resources = {"GPU": 1, "CPU": 1}
     else:
-        cpus = ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1))
-        plan = plan_resources(cpus, num_workers)
+        # The cluster's CPUs, not what is free right now: a cap computed while a previous trial still
+        # held its CPUs left Ray Data under one CPU, and a 1-CPU decode task then never starts.
+        plan = plan_resources(cpu_share or ray.cluster_resources().get("CPU", 1), num_workers)
         apply_resource_plan(plan)
         resources = {"CPU": plan.cpus_per_worker}
     cols = list(TRAIN_COLUMNS)

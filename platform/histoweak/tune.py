@@ -25,6 +25,7 @@ interrupted sweep resumes (``Tuner.restore``) when rerun.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -185,16 +186,15 @@ def _tune_domain(dist: dict):
             "randint": lambda: tune.randint(int(args[0]), int(args[1]) + 1)}[kind]()
 
 
-def trial(config: dict) -> None:
-    """One Tune trial: a nested MLflow run around one ``train.fit``."""
+def trial(config: dict, ctx: dict) -> None:
+    """One Tune trial: a nested MLflow run around one ``train.fit``; ``config`` holds the sampled values."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from histoweak import tracking
     from histoweak.train import MlflowMetricsCallback, fit
 
-    ctx = config["_ctx"]
-    sampled = {k: v for k, v in config.items() if k != "_ctx"}
+    sampled = dict(config)
     space = SearchSpace(**ctx["space"])
     trial_name = ray.tune.get_context().get_trial_name()
     cfg = space.trial_config(sampled)
@@ -205,7 +205,7 @@ def trial(config: dict) -> None:
                                 ctx["tags"], uri)
     status = "FAILED"
     try:
-        out = fit(cfg, ctx["tile_table"], ctx["n_classes"],
+        out = fit(cfg, ctx["tile_table"], ctx["n_classes"], cpu_share=ctx["cpu_share"],
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
         final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
@@ -258,11 +258,20 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
     tags = {"method": space.method, "dataset": str(tile_table), "dataset_hash": tracking.dataset_hash(tile_table),
             "git_commit": tracking.git_commit(Path(__file__).parent), "sweep": space.name}
     sweep_dir = Path(storage) / space.name
-    parent_id = tracking.parent_run(space.name, f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                    {"search_space": space.source, "metric": space.metric, "mode": space.mode,
-                                     "num_samples": space.num_samples, **_flat(space.train, "train."),
-                                     **_flat(space.hparams, "hparams."),
-                                     **{f"space.{k}": v for k, v in space.params.items()}}, tags, uri)
+    resuming = tune.Tuner.can_restore(str(sweep_dir))
+    state_file = Path(storage) / f"{space.name}.mlflow.json"  # the sweep's MLflow run, for a resumed sweep
+    state = json.loads(state_file.read_text()) if resuming and state_file.exists() else {}
+    if state.get("tracking_uri") == uri:
+        parent_id = state["parent_run_id"]
+        tracking.reopen_run(parent_id, uri)
+    else:
+        parent_id = tracking.parent_run(space.name, f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                        {"search_space": space.source, "metric": space.metric, "mode": space.mode,
+                                         "num_samples": space.num_samples, **_flat(space.train, "train."),
+                                         **_flat(space.hparams, "hparams."),
+                                         **{f"space.{k}": v for k, v in space.params.items()}}, tags, uri)
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": uri}))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = space.max_concurrent_trials or (max(gpus, 1) if gpus else max(1, cpus // 2))
@@ -274,19 +283,21 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                                   reduction_factor=space.scheduler.get("reduction_factor", 2),
                                   max_t=int(space.train.get("epochs", TrainConfig.epochs)) + 1)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
+           "cpu_share": None if gpus else cpus / concurrency,
            "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags}
     # The trial function only drives Ray Train (whose workers hold the real resources): a token CPU share.
-    trainable = tune.with_resources(trial, {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(trial, ctx=ctx), {"cpu": 0.01})
     param_space = {k: _tune_domain(v) for k, v in space.params.items()}
     status = "FAILED"
     try:
-        if tune.Tuner.can_restore(str(sweep_dir)):
-            print(f"histoweak: resuming the interrupted sweep in {sweep_dir}")
+        if resuming:
+            print(f"histoweak: resuming the sweep in {sweep_dir} (MLflow run {parent_id}); "
+                  "delete that directory or rename the sweep to start afresh")
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True,
-                                       param_space={**param_space, "_ctx": ctx})
+                                       param_space=param_space)
         else:
             tuner = tune.Tuner(
-                trainable, param_space={**param_space, "_ctx": ctx},
+                trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=f"best_{space.metric}" if scheduler is None else space.metric,
                                             mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),

@@ -49,24 +49,36 @@ class ResourcePlan:
     data_cpus: float
 
 
+DRIVER_RESERVE_CPUS = 0.25  # left for drivers and Tune trial functions, which hold a token CPU share
+
+
 def plan_resources(total_cpus: float, num_workers: int, min_data_cpus: float = 1.0) -> ResourcePlan:
     """Split a node's CPUs between ``num_workers`` training workers and Ray Data.
 
-    Ray Data always keeps at least ``min_data_cpus`` (so decode tasks can run
-    while every worker holds its reservation); workers share the rest, at
-    least 0.25 each (they mostly wait on data or on the GPU).
+    Ray Data gets at least one CPU (its decode tasks take one each, so a
+    smaller cap would never start one) and at most half the node; workers
+    share what is left after ``DRIVER_RESERVE_CPUS``, in quarters, at least
+    0.25 each (they mostly wait on data or on the GPU).
+
+    Raises
+    ------
+    ValueError
+        On fewer than 1.5 CPUs, where training and streaming cannot both run.
 
     Examples
     --------
-    >>> plan_resources(2, 2)
-    ResourcePlan(cpus_per_worker=0.5, data_cpus=1.0)
+    >>> plan_resources(2, 1)
+    ResourcePlan(cpus_per_worker=0.75, data_cpus=1.0)
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    data = min(max(min_data_cpus, total_cpus / 2), total_cpus - 0.25 * num_workers)
-    data = max(data, 0.5)
-    per_worker = max(0.25, math.floor((total_cpus - data) / num_workers * 4) / 4)
-    return ResourcePlan(cpus_per_worker=per_worker, data_cpus=total_cpus - per_worker * num_workers)
+    if total_cpus < 1.5:
+        raise ValueError(f"training with Ray Data needs at least 1.5 CPUs (1 for decoding); the cluster has {total_cpus}")
+    spare = total_cpus - DRIVER_RESERVE_CPUS
+    data = min(max(min_data_cpus, total_cpus / 2), spare - 0.25 * num_workers)
+    data = max(data, 1.0)
+    per_worker = max(0.25, math.floor((spare - data) / num_workers * 4) / 4)
+    return ResourcePlan(cpus_per_worker=per_worker, data_cpus=data)
 
 
 def apply_resource_plan(plan: ResourcePlan) -> None:
