@@ -25,10 +25,16 @@ def _batch(n=4, size=32, n_classes=5, seed=0):
 def test_method_contract(name, target):
     torch.manual_seed(0)
     task = Task(target=target, n_classes=5)
+    if not METHODS[name].supports(task):
+        with pytest.raises(ValueError, match=f"does not support target '{target}'"):
+            build_method(name, {"backbone": "resnet18", "weights": None}, task)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(name, {"backbone": "resnet18", "weights": None, "lr": 1e-2}, task)
     batch = _batch()
+    if method.needs_balanced_stream:
+        batch["balanced"] = _batch(seed=1)
     before = [p.detach().clone() for p in method.parameters()]
     logs = method.step(batch)
     assert np.isfinite(logs["loss"])

@@ -3,10 +3,11 @@ import collections
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from histoweak.data.augment import colour_jitter, flip_rot90
 from histoweak.data.streaming import (
-    apply_resource_plan, balanced_batches, plan_resources, read_tiles, torch_batches,
+    apply_resource_plan, plan_resources, read_tiles, torch_batches,
 )
 
 
@@ -61,22 +62,36 @@ def test_colour_jitter_bounds():
 
 
 def test_balanced_stream_frequencies(tile_table, ray_local):
-    import torch
+    """Exact per-batch group shares (equal, then weighted), rows drawn from the right group, all rows visited."""
+    import functools
 
-    ds = read_tiles(str(tile_table), columns=["image", "labels", "tissue_ratio", "slide_id"])
-    # a class-balanced stream on "tumour present" (labels[1]) — rare in this data
-    ds = ds.map_batches(lambda b: {**b, "label": b["labels"][:, 1].astype(np.int64)}, batch_format="numpy")
-    counts = collections.Counter(int(v) for v in ds.to_pandas()["label"])
-    assert counts[0] != counts[1]  # imbalanced to begin with
+    from histoweak.data.streaming import BalancedSampler
+    from histoweak.methods.base import Task
+
+    raw = read_tiles(str(tile_table), split="train", columns=["image", "labels", "tissue_ratio"], decode=False)
+    group_fn = functools.partial(Task("class:1", 5).groups, tau=0.9)
+    sampler = BalancedSampler(raw, group_fn, seed=0)
+    counts = sampler.counts
+    assert len(counts) >= 3 and max(counts.values()) > 2 * min(counts.values())  # imbalanced to begin with
+    k = len(counts)
     seen = collections.Counter()
-    for b in balanced_batches(ds, "label", batch_size=10, n_batches=6, seed=0):
-        assert len(b["label"]) == 10 and b["image"].shape[0] == 10
-        c = collections.Counter(b["label"].tolist())
-        assert c[0] == c[1] == 5
-        seen.update(b["label"].tolist())
-    assert seen[0] == seen[1] == 30
-    with pytest.raises(ValueError, match="batch_size 1 < 2 values"):
-        next(balanced_batches(ds, "label", batch_size=1, n_batches=1))
+    for b in sampler.batches(batch_size=4 * k, n_batches=6):
+        assert b["image"].shape == (4 * k, 3, 128, 128) and b["image"].dtype == torch.float32
+        g = b["group"].numpy()
+        assert collections.Counter(g.tolist()) == {grp: 4 for grp in counts}
+        # each row really belongs to its group: recompute from the row's own labels and tissue ratio
+        meta = {"labels": b["labels"].numpy(), "tissue_ratio": b["tissue_ratio"].numpy()}
+        assert (group_fn(meta) == g).all()
+        seen.update(g.tolist())
+    assert set(seen.values()) == {24}
+    rare = min(counts, key=counts.get)
+    weights = {grp: (3.0 if grp == rare else 1.0) for grp in counts}
+    b = next(sampler.batches(batch_size=10 * (k + 2), weights=weights))
+    assert collections.Counter(b["group"].tolist())[rare] == 30
+    with pytest.raises(ValueError, match="batch_size 1 <"):
+        next(sampler.batches(batch_size=1))
+    with pytest.raises(ValueError, match=r"no rows in group\(s\) \[7\]"):
+        next(sampler.batches(batch_size=8, weights={**weights, 7: 1.0}))
 
 
 def test_plan_resources():

@@ -49,7 +49,11 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
         p.add_argument("search_space", nargs="?", default=default_space)
     else:
         p.add_argument("search_space", help="search_spaces/<name>.yaml")
-    p.add_argument("--data", default=None, help="tile table (default: the embedded synthetic dataset)")
+    p.add_argument("--data", default=None,
+                   help="tile table, or synthetic:<preset> (default: the search space's `data`, else the embedded dataset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="fix a setting, e.g. --set hparams.backbone=resnet50 --set train.epochs=10 (repeatable)")
+    p.add_argument("--seeds", type=int, default=None, help="repeat every configuration with seeds 0..N-1")
     p.add_argument("--storage", default=".cache/ray_results", help="Ray Tune/Train results (shared storage on a cluster)")
     p.add_argument("--address", default=None)
     p.add_argument("--smoke-test", action="store_true", help="apply the file's `smoke:` overrides, tiny data")
@@ -81,11 +85,35 @@ def run_tiling(args: argparse.Namespace) -> int:
 
 
 def resolve_data(data: str | None, smoke: bool = False) -> tuple[str, int]:
-    """A tile table path and its class count; the embedded synthetic dataset when ``data`` is None."""
+    """A tile table path and its class count.
+
+    ``data``: a tile table; ``synthetic:<preset>`` for an embedded synthetic dataset (tiled on first
+    use); None for the default one. ``smoke`` makes the synthetic data small.
+    """
     from histoweak.data.defaults import default_tile_table, n_classes_of
 
-    table = data or str(default_tile_table(preset="tiny" if smoke else "default"))
+    if data is None or data.startswith("synthetic:"):
+        preset = data.split(":", 1)[1] if data else "default"
+        if preset == "default" and smoke:
+            table = str(default_tile_table(preset="tiny"))
+        else:
+            table = str(default_tile_table(preset=preset, **(dict(n_slides=5, size=1024) if smoke else {})))
+    else:
+        table = data
     return table, n_classes_of(table)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["hparams.lr=1e-3", "train.epochs=5"]`` -> ``{"hparams.lr": 0.001, "train.epochs": 5}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {item!r}: use <section>.<name>=<value>, e.g. hparams.lr=1e-3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -118,6 +146,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     space = load_search_space(args.search_space)  # fails on a bad key before any work
     if args.smoke_test:
         space = space.with_overrides(space.smoke)
+    if args.overrides:
+        space = space.with_overrides(parse_overrides(args.overrides))
+    if args.seeds:
+        space = space.with_params({"train.seed": {"grid": list(range(args.seeds))}})
     init_ray(args.address)
     table, n_classes = resolve_data(args.data or space.data, args.smoke_test)
     rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress)
@@ -147,7 +179,9 @@ def _print_rows(rows: list[dict], title: str) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from histoweak import figures, tracking
 
-    parent, children = tracking.latest_sweep(args.experiment)
+    if args.table1:
+        return _report_table1(args.experiment or ["gerne", "gerne-erm"])
+    parent, children = tracking.latest_sweep(args.experiment[-1] if args.experiment else None)
     metric = parent.data.params.get("metric", "val_bca")
     key = f"best_{metric}"
     mode = parent.data.params.get("mode", "max")
@@ -164,6 +198,70 @@ def cmd_report(args: argparse.Namespace) -> int:
     fig = figures.metric_vs_params_figure(rows, key, sorted({k for r in rows for k in r if k.startswith("swept.")}))
     fig.savefig(out, dpi=110)
     print(f"\n{key} vs the swept parameters: {out.resolve()}")
+    return 0
+
+
+def _report_table1(experiments: list[str]) -> int:
+    """GERNE's Table 1 from the newest sweep of each experiment (ERM and GERNE runs with a group threshold)."""
+    from histoweak import tracking
+    from histoweak.report import format_table1, table1_cells
+
+    runs = []
+    for exp in experiments:
+        try:
+            _, children = tracking.latest_sweep(exp)
+        except ValueError as exc:
+            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
+            continue
+        runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    cells, taus = table1_cells(runs)
+    if not taus:
+        raise ValueError(f"no finished ERM/GERNE runs with a group threshold in {experiments}")
+    print(format_table1(cells, taus, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)}"))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Tiles per group and split at ``--tau``; with ``--checkpoint``, GERNE's Fig. 1 for that model on test."""
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, tracking
+    from histoweak.methods.base import GROUP_NAMES
+    from histoweak.report import group_counts
+
+    table, n_classes = resolve_data(args.data)
+    counts = group_counts(table, args.target, n_classes, args.tau)
+    _print_rows([{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}} for sp, c in counts.items()],
+                f"tiles per group at tau = {args.tau:g} ({table})")
+    uri = tracking.tracking_uri()
+    run_id = tracking.parent_run("shortcut-analysis", f"tau{args.tau:g}-{Path(table).parent.name}",
+                                 {"tau": args.tau, "target": args.target, "checkpoint": args.checkpoint or "-"},
+                                 {"dataset": table, "dataset_hash": tracking.dataset_hash(table)}, uri)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = figures.group_counts_figure(counts, GROUP_NAMES, f"tiles per group, tau = {args.tau:g}")
+    fig.savefig(out / "group_counts.png", dpi=110)
+    tracking.log_figure(run_id, fig, "group_counts.png", uri)
+    plt.close(fig)
+    if args.checkpoint:
+        import ray.train
+
+        from histoweak._ray import init_ray
+        from histoweak.report import metrics_at_tau
+        from histoweak.train import score_checkpoint
+
+        init_ray(args.address)
+        _, pred = score_checkpoint(ray.train.Checkpoint.from_directory(args.checkpoint), table, n_classes, "test")
+        m = metrics_at_tau(pred, args.tau, "test")
+        tracking.log_metrics(run_id, m, uri=uri)
+        fig = figures.shortcut_figure(pred, int(args.target.split(":")[1]), args.tau,
+                                      title=f"test split: WGA {m['test_wga']:.3f}, BCA {m['test_bca']:.3f}")
+        fig.savefig(out / "shortcut_analysis.png", dpi=110)
+        tracking.log_figure(run_id, fig, "shortcut_analysis.png", uri)
+        plt.close(fig)
+        print(f"test WGA {m['test_wga']:.4f}, BCA {m['test_bca']:.4f}")
+    tracking.end_run(run_id, "FINISHED", uri)
+    print(f"figures: {out.resolve()}; MLflow: {uri} (experiment 'shortcut-analysis')")
     return 0
 
 
@@ -206,9 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="print a sweep's leaderboard and plot its metric vs the swept parameters")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (= sweep name; default: the newest)")
+    p.add_argument("--experiment", action="append", default=None,
+                   help="MLflow experiment (= sweep name; default: the newest); repeatable with --table1")
     p.add_argument("--out", default=None, help="PNG path (default: report-<experiment>.png)")
+    p.add_argument("--table1", action="store_true",
+                   help="GERNE's Table 1 (WGA/BCA per tau, mean ± std over seeds) from the gerne and gerne-erm sweeps")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("analyze", help="tiles per group (y, tissue >= tau) per split; GERNE's Fig. 1 for a checkpoint")
+    p.add_argument("--data", default="synthetic:gerne", help="tile table or synthetic:<preset>")
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--target", default="class:1")
+    p.add_argument("--checkpoint", default=None, help="a training checkpoint directory (from a sweep's trials)")
+    p.add_argument("--out", default="analysis", help="directory for the PNGs")
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

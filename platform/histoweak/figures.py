@@ -8,7 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["confusion_matrix_figure", "group_accuracy_figure", "metric_vs_params_figure"]
+__all__ = ["confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
+           "shortcut_figure"]
 
 
 def confusion_matrix_figure(cm: np.ndarray, labels: list[str]):
@@ -63,5 +64,60 @@ def metric_vs_params_figure(rows: list[dict], metric: str, params: list[str]):
             ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(p)
         ax.set_ylabel(metric)
+    fig.tight_layout()
+    return fig
+
+
+def shortcut_figure(pred: dict, target_class: int = 1, tau: float | None = None, bins: int = 10, title: str = ""):
+    """GERNE's Fig. 1 (bottom row): where the tissue-size shortcut shows, and where the model fails.
+
+    Normalized histograms over a split of p(r_tumor | y=1), p(r_tumor-tissue | y=1) and
+    p(r_tissue | y=0), each bin split into the share of correct (green) and incorrect (red)
+    predictions.
+
+    pred : ``targets``, ``probs``, ``tissue_ratio`` and ``class_ratios`` (as from ``predict_split``)
+    """
+    y, p = np.asarray(pred["targets"]), np.asarray(pred["probs"]).argmax(1)
+    r_tumor = np.asarray(pred["class_ratios"])[:, target_class]
+    tissue = np.asarray(pred["tissue_ratio"], np.float64)
+    panels = [("$r^{tumor}$ | y=1", r_tumor, y == 1),
+              ("$r^{tumor-tissue}$ | y=1", np.divide(r_tumor, tissue, out=np.zeros_like(tissue), where=tissue > 0), y == 1),
+              ("$r^{tissue}$ | y=0", tissue, y == 0)]
+    edges = np.linspace(0, 1, bins + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (name, r, sel) in zip(axes, panels):
+        n = max(int(sel.sum()), 1)
+        ok = np.histogram(np.clip(r[sel & (y == p)], 0, 1), edges)[0] / n
+        bad = np.histogram(np.clip(r[sel & (y != p)], 0, 1), edges)[0] / n
+        centres, w = (edges[:-1] + edges[1:]) / 2, 0.9 / bins
+        ax.bar(centres, ok, w, color="#4c9f70", label="correct")
+        ax.bar(centres, bad, w, bottom=ok, color="#d1495b", label="incorrect")
+        if tau is not None and "tissue" in name and "tumor" not in name:
+            ax.axvline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
+        ax.set_xlabel(name)
+        ax.set_ylabel("fraction of tiles")
+        ax.set_title(f"{name}  (n = {int(sel.sum())})", fontsize=9)
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def group_counts_figure(counts: dict[str, dict[int, int]], names: tuple[str, ...], title: str = "tiles per group"):
+    """Bars of tiles per group (``names``) for each split: ``{split: {group: count}}``."""
+    splits = list(counts)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    w = 0.8 / max(len(splits), 1)
+    for i, split in enumerate(splits):
+        vals = [counts[split].get(g, 0) for g in range(len(names))]
+        bars = ax.bar(np.arange(len(names)) + i * w, vals, w, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(np.arange(len(names)) + w * (len(splits) - 1) / 2, names, fontsize=8)
+    ax.set_ylabel("tiles")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

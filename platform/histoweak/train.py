@@ -33,14 +33,15 @@ import numpy as np
 import torch
 from ray.train.v2.api.callback import UserCallback
 
-from histoweak.data.streaming import apply_resource_plan, augment_dataset, plan_resources, read_tiles, torch_batches
+from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
+                                      read_tiles, torch_batches)
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import Task, check_hparams
 
 __all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "evaluate", "fit", "predict_split", "score_checkpoint",
            "train_loop_per_worker"]
 
-TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio")
+TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio", "class_ratios")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap, for smoke tests and quick sweeps
     augment: bool = True
     seed: int = 0
+    group_tau: float | None = None  # groups (y, [r_tissue >= tau]) for WGA and balanced streams (GERNE)
+    select: str | None = None  # checkpoint selection metric (val_*); default: the method's
+    keep_checkpoints: int | None = 1  # best checkpoints kept (None: every epoch's, for post-hoc selection)
     num_workers: int | None = None  # default: one per GPU, else 1
     use_gpu: bool | None = None  # default: whether the cluster has GPUs
     max_failures: int = 2
@@ -74,9 +78,25 @@ class TrainConfig:
             bad("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.num_workers is not None and self.num_workers < 1:
             bad("num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            bad("keep_checkpoints", f"must be >= 1 or null, got {self.keep_checkpoints}")
         if self.max_failures < 0:
             bad("max_failures", f"must be >= 0, got {self.max_failures}")
-        Task(self.target)  # validates the target
+        task = Task(self.target)  # validates the target
+        if not METHODS[self.method].supports(task):
+            bad("target", f"method {self.method!r} does not support {self.target!r}")
+        if self.group_tau is not None:
+            if not 0.0 <= self.group_tau <= 1.0:
+                bad("group_tau", f"must be in [0, 1], got {self.group_tau}")
+            if task.multilabel:
+                bad("group_tau", "tissue groups need a binary target ('class:<c>' or 'label')")
+        if METHODS[self.method].needs_balanced_stream and self.group_tau is None:
+            bad("group_tau", f"method {self.method!r} trains on groups: set the tissue-ratio threshold")
+        if self.select is not None:
+            if not self.select.startswith("val_"):
+                bad("select", f"must be a validation metric (val_*), got {self.select!r}")
+            if self.select in ("val_wga", "val_gba") and self.group_tau is None:
+                bad("select", f"{self.select} needs groups: set group_tau")
         check_hparams(METHODS[self.method].Hparams, dict(self.hparams), self.method)
 
     @classmethod
@@ -95,7 +115,8 @@ class TrainOutcome:
     test: dict[str, float]  # the best checkpoint on the test split
     checkpoint: str | None
     path: str
-    test_predictions: dict[str, np.ndarray] = field(default_factory=dict)  # targets, probs, groups
+    test_predictions: dict[str, np.ndarray] = field(default_factory=dict)  # targets, probs, groups, ratios
+    checkpoints: list[tuple[str, dict]] = field(default_factory=list)  # every kept checkpoint with its metrics
 
 
 def _seed_everything(seed: int) -> None:
@@ -106,16 +127,26 @@ def _seed_everything(seed: int) -> None:
 
 def predict_split(method, batches) -> dict[str, np.ndarray]:
     """``method.predict`` over ``batches``: targets, probs (N, outputs) and groups (-1 where unset)."""
-    targets, probs, groups = [], [], []
+    targets, probs, groups, extra = [], [], [], {"tissue_ratio": [], "class_ratios": []}
     device = method.device
     for b in batches:
-        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+        b = _to_device(b, device)
         probs.append(method.predict(b).float().cpu().numpy())
         targets.append(method.task.targets(b).cpu().numpy())
         groups.append(b["group"].cpu().numpy() if "group" in b else np.full(len(probs[-1]), -1))
+        for k in extra:
+            if k in b:
+                extra[k].append(b[k].cpu().numpy())
     if not probs:
         return {}
-    return {"targets": np.concatenate(targets), "probs": np.concatenate(probs), "groups": np.concatenate(groups)}
+    out = {"targets": np.concatenate(targets), "probs": np.concatenate(probs), "groups": np.concatenate(groups)}
+    out.update({k: np.concatenate(v) for k, v in extra.items() if len(v) == len(probs)})
+    return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else _to_device(v, device) if isinstance(v, dict) else v)
+            for k, v in batch.items()}
 
 
 def evaluate(method, batches, prefix: str) -> dict[str, float]:
@@ -147,15 +178,24 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    sel, mode = method.selection_metric, method.selection_mode
+    sel, mode = cfg.select or method.selection_metric, method.selection_mode
+    balanced = None
+    if method.needs_balanced_stream:  # a second, group-balanced batch per step (GERNE's B_lb)
+        sampler = BalancedSampler(ray.train.get_dataset_shard("balanced"), _group_fn(cfg, config["n_classes"]),
+                                  seed=cfg.seed * 1009 + rank, augment=cfg.augment)
+        if rank == 0 and len(sampler.counts) < 4:
+            print(f"histoweak: warning: the training split has only groups {sampler.counts} "
+                  f"at group_tau={cfg.group_tau}; the balanced batch draws from those")
+        balanced = sampler.batches(cfg.batch_size, method.balanced_weights(sampler.counts))
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0, logs, n = time.perf_counter(), [], 0
         for i, batch in enumerate(torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)):
             if cfg.steps_per_epoch and i >= cfg.steps_per_epoch:
                 break
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            logs.append(method.step(batch))
+            if balanced is not None:
+                batch["balanced"] = next(balanced)
+            logs.append(method.step(_to_device(batch, device)))
             _maybe_inject_fault(epoch, rank)
             n += len(batch["image"])
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean([l["loss"] for l in logs])) if logs else float("nan"),
@@ -231,20 +271,28 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     train_ds = augment_dataset(train_ds) if config.augment else train_ds
     val_ds = read_tiles(tile_table, split="val", columns=cols)
     method_cls = METHODS[config.method]
-    sel, mode = method_cls.selection_metric, method_cls.selection_mode
+    sel, mode = config.select or method_cls.selection_metric, method_cls.selection_mode
+    datasets = {"val": val_ds}
+    loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes}
+    if config.group_tau is not None:
+        groups = _group_fn(config, n_classes)
+        train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
+    if method_cls.needs_balanced_stream:  # every worker gets the whole (encoded) train split to draw B_lb from
+        datasets["balanced"] = read_tiles(tile_table, split="train", columns=cols, decode=False)
+    datasets["train"] = train_ds
     run_config = ray.train.RunConfig(
         name=config.name, storage_path=config.storage_path,
         failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sel,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=sel,
                                                      checkpoint_score_order=mode),
         worker_runtime_env={"env_vars": dict(config.worker_env)} if config.worker_env else None,
         callbacks=callbacks,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(config), "n_classes": n_classes},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=run_config,
     )
@@ -254,7 +302,15 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     test, predictions = score_checkpoint(best_ckpt, tile_table, n_classes, "test") if best_ckpt else ({}, {})
     return TrainOutcome(metrics=dict(result.metrics or {}), best=dict(best_metrics), test=test,
                         checkpoint=best_ckpt.path if best_ckpt else None, path=str(result.path),
-                        test_predictions=predictions)
+                        test_predictions=predictions,
+                        checkpoints=[(c.path, dict(m)) for c, m in result.best_checkpoints])
+
+
+def _group_fn(config: TrainConfig, n_classes: int):
+    """The tile -> group function of a run (``Task.groups`` at the run's threshold), for ``add_column``."""
+    import functools
+
+    return functools.partial(Task(config.target, n_classes).groups, tau=config.group_tau)
 
 
 def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "test"):
@@ -274,5 +330,7 @@ def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "
         method = build_method(cfg.method, hp, Task(cfg.target, n_classes))
     method.load_state_dict(state["model"])
     ds = read_tiles(tile_table, split=split, columns=list(TRAIN_COLUMNS))
+    if cfg.group_tau is not None:
+        ds = add_column(ds, "group", _group_fn(cfg, n_classes))
     pred = predict_split(method, torch_batches(ds, batch_size=cfg.batch_size))
     return (method.evaluate(pred["targets"], pred["probs"], pred["groups"], prefix=split) if pred else {}), pred

@@ -72,6 +72,15 @@ class SearchSpace:
                 raw[key] = value
         return _validate(raw, self.source)
 
+    def with_params(self, params: dict[str, dict]) -> "SearchSpace":
+        """Add or replace swept parameters (``{"train.seed": {"grid": [0, 1, 2]}}``) and re-validate."""
+        raw = _to_raw(self)
+        for key in params:
+            section, _, sub = key.partition(".")
+            (raw.get(section) or {}).pop(sub, None)  # a swept parameter replaces a fixed one
+        raw["params"].update(params)
+        return _validate(raw, self.source)
+
     def trial_config(self, sampled: dict[str, Any]) -> TrainConfig:
         train, hparams = dict(self.train), dict(self.hparams)
         for key, value in sampled.items():
@@ -209,15 +218,15 @@ def trial(config: dict, ctx: dict) -> None:
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
         final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
-        _log_test_figures(run_id, uri, out.test_predictions, cfg.target)
+        _log_test_figures(run_id, uri, out.test_predictions, cfg.target, cfg.group_tau)
         ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id})
         status = "FINISHED"
     finally:
         tracking.end_run(run_id, status, uri)
 
 
-def _log_test_figures(run_id: str, uri: str, pred: dict, target: str) -> None:
-    """Confusion matrix and (when the tiles carry groups) per-group accuracy of the best checkpoint on test."""
+def _log_test_figures(run_id: str, uri: str, pred: dict, target: str, tau: float | None = None) -> None:
+    """Confusion matrix and, with groups, per-group accuracy and the shortcut analysis of the best checkpoint on test."""
     import matplotlib.pyplot as plt
 
     from histoweak import figures, metrics, tracking
@@ -230,8 +239,41 @@ def _log_test_figures(run_id: str, uri: str, pred: dict, target: str) -> None:
     tracking.log_figure(run_id, fig, "test_confusion_matrix.png", uri)
     plt.close(fig)
     if (pred["groups"] >= 0).all():
-        fig = figures.group_accuracy_figure(metrics.group_accuracies(y, p, pred["groups"]), "test accuracy per group")
+        from histoweak.methods.base import GROUP_NAMES
+
+        accs = metrics.group_accuracies(y, p, pred["groups"])
+        fig = figures.group_accuracy_figure({GROUP_NAMES[g].replace(", ", "\n") if tau is not None else g: a for g, a in accs.items()},
+                                            "test accuracy per group")
         tracking.log_figure(run_id, fig, "test_group_accuracy.png", uri)
+        plt.close(fig)
+    if tau is not None and target.startswith("class:") and "class_ratios" in pred:
+        fig = figures.shortcut_figure(pred, int(target.split(":")[1]), tau,
+                                      title=f"test split, best checkpoint: correct and incorrect predictions per bin")
+        tracking.log_figure(run_id, fig, "test_shortcut_analysis.png", uri)
+        plt.close(fig)
+
+
+def _log_group_counts(space: SearchSpace, tile_table, n_classes: int, run_id: str, uri: str) -> None:
+    """Tiles per group and split at every threshold the sweep uses (a figure and a table per threshold)."""
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, tracking
+    from histoweak.methods.base import GROUP_NAMES
+    from histoweak.report import group_counts
+
+    taus = set()
+    if space.train.get("group_tau") is not None:
+        taus.add(float(space.train["group_tau"]))
+    dist = space.params.get("train.group_tau")
+    if dist and next(iter(dist)) in ("choice", "grid"):
+        taus.update(float(t) for t in next(iter(dist.values())))
+    target = space.train.get("target", TrainConfig.target)
+    for tau in sorted(taus):
+        counts = group_counts(str(tile_table), target, n_classes, tau)
+        tracking.log_table(run_id, [{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}} for sp, c in counts.items()],
+                           f"group_counts_tau{tau:g}.csv", uri)
+        fig = figures.group_counts_figure(counts, GROUP_NAMES, f"tiles per group, tau = {tau:g}")
+        tracking.log_figure(run_id, fig, f"group_counts_tau{tau:g}.png", uri)
         plt.close(fig)
 
 
@@ -282,6 +324,8 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.scheduler.get("grace_period", 1),
                                   reduction_factor=space.scheduler.get("reduction_factor", 2),
                                   max_t=int(space.train.get("epochs", TrainConfig.epochs)) + 1)
+    if not resuming:
+        _log_group_counts(space, tile_table, n_classes, parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
            "cpu_share": None if gpus else cpus / concurrency,
            "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags}
@@ -298,7 +342,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=f"best_{space.metric}" if scheduler is None else space.metric,
+                tune_config=tune.TuneConfig(metric=space.metric,  # every epoch reports it; best_* only at the end
                                             mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=space.name, storage_path=storage,

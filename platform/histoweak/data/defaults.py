@@ -7,26 +7,31 @@ from pathlib import Path
 
 __all__ = ["default_tile_table", "n_classes_of"]
 
-_TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_size=128, min_tissue=0.3)}
+_TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_size=128, min_tissue=0.3),
+           # every tile with any tissue: GERNE's groups are about how little tissue a tile holds
+           "gerne": dict(tile_size=96, min_tissue=0.01)}
 
 
-def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default") -> Path:
-    """Path to the tiled synthetic ``preset`` under ``cache`` (synthesized and tiled when missing)."""
+def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default", **overrides) -> Path:
+    """Path to the tiled synthetic ``preset`` under ``cache`` (synthesized and tiled when missing).
+
+    ``overrides`` change knobs of the preset (e.g. ``shortcut=0.8``) and get a cache directory of their own.
+    """
     from histoweak._ray import init_ray
     from histoweak.data.synthetic import synthesize
     from histoweak.data.tiling_job import discover_slides, load_classes, tile_dataset
     from histoweak.slides.tiling import TilingParams
 
-    root = Path(cache).resolve() / preset
+    root = Path(cache).resolve() / "-".join([preset, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
     tiles = root / "tiles"
     manifest = tiles / "_manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("counts", {}).get("pending", 1) == 0:
         return tiles
     if not (root / "slides" / "slides.csv").exists():
         print(f"histoweak: synthesizing the {preset!r} dataset into {root / 'slides'} (first use)")
-        synthesize(root / "slides", preset)
+        synthesize(root / "slides", preset, **overrides)
     init_ray()
-    report = tile_dataset(discover_slides(root / "slides" / "slides.csv"), tiles, TilingParams(**_TILING[preset]),
+    report = tile_dataset(discover_slides(root / "slides" / "slides.csv"), tiles, TilingParams(**_TILING.get(preset, _TILING["default"])),
                           load_classes(root / "slides" / "classes.json"), source=f"synthetic-{preset}")
     if report.failures:
         raise RuntimeError(f"tiling the default dataset failed: {report.failures}")

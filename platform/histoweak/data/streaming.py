@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,9 @@ __all__ = [
     "TorchCollate",
     "apply_resource_plan",
     "augment_dataset",
-    "balanced_batches",
+    "BalancedSampler",
+    "add_column",
+    "shares",
     "decode_tiles",
     "plan_resources",
     "read_tiles",
@@ -87,6 +89,8 @@ def apply_resource_plan(plan: ResourcePlan) -> None:
 
     ctx = DataContext.get_current()
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=plan.data_cpus)
+    if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1":  # Train workers inherit this context, not the env
+        ctx.enable_progress_bars = False
 
 
 def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
@@ -102,6 +106,7 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
         image : (N, H, W, 3) uint8
         mask : (N, H, W) uint8, where every row has one
         labels : (N, C) float32, where every row has them
+        class_ratios : (N, C) float32, where every row has them
         label, group : (N,) int64, -1 where null
         tissue_ratio : (N,) float32
         slide_id : (N,) object
@@ -121,12 +126,15 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
         out["mask"] = np.stack([decode_image(m) for m in masks])
     if "labels" in names and batch.column("labels").null_count == 0:
         col = batch.column("labels").combine_chunks()
-        out["labels"] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
+        out["labels"] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
     for key in ("label", "group"):
         if key in names:
             out[key] = batch.column(key).fill_null(-1).to_numpy().astype(np.int64)
     if "tissue_ratio" in names:
         out["tissue_ratio"] = batch.column("tissue_ratio").to_numpy().astype(np.float32)
+    if "class_ratios" in names and batch.column("class_ratios").null_count == 0:
+        col = batch.column("class_ratios").combine_chunks()
+        out["class_ratios"] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
     if "slide_id" in names:
         out["slide_id"] = np.asarray(batch.column("slide_id").to_pylist(), dtype=object)
     return out
@@ -258,64 +266,93 @@ def torch_batches(ds, batch_size: int = 64, augment: bool = False, colour: bool 
     return it.iter_torch_batches(**kwargs)
 
 
-def balanced_batches(ds, key: str, batch_size: int, n_batches: int, seed: int = 0, values: Sequence[int] | None = None,
-                     augment: bool = False) -> Iterator[dict]:
-    """Batches with an equal share of each value of column ``key`` (group- or class-balanced).
+def add_column(ds, name: str, fn):
+    """``ds`` with column ``name`` set to ``fn(batch)`` (numpy batch in, (N,) array out); fused with the read."""
+    return ds.map_batches(_set_column, fn_kwargs={"name": name, "fn": fn}, batch_format="numpy", batch_size=None)
 
-    Each value gets its own stream, cycled (rare groups are oversampled) and
-    shuffled locally; every batch takes ``batch_size // len(values)`` rows of
-    each (the remainder goes to the first values). ``values`` default to the
-    distinct values found in the dataset.
+
+def _set_column(batch: dict, name: str, fn) -> dict:
+    batch[name] = np.asarray(fn(batch))
+    return batch
+
+
+def shares(batch_size: int, weights: Sequence[float]) -> list[int]:
+    """Rows per stream in a batch of ``batch_size``, proportional to ``weights`` (largest remainder)."""
+    w = np.asarray(weights, np.float64)
+    if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"balanced stream: weights must be non-negative and not all zero, got {list(weights)}")
+    exact = batch_size * w / w.sum()
+    k = np.floor(exact).astype(int)
+    k[np.argsort(-(exact - k), kind="stable")[: batch_size - k.sum()]] += 1
+    return [int(x) for x in k]
+
+
+class BalancedSampler:
+    """Batches with a fixed share of rows per group (GERNE's less-biased batch B_lb), drawn exactly.
+
+    The tiles arrive once through Ray Data (a worker's dataset iterator, or a
+    Dataset) and are kept *encoded* in this process (about the split's size on
+    disk); each batch draws ``shares(batch_size, weights)`` rows of each group
+    without replacement (a group is reshuffled when used up, so rare groups are
+    oversampled), then decodes and augments only those rows. Drawing locally
+    keeps every batch's group counts exact and costs one decode per row used,
+    where one Ray Data stream per group stalled on 2 cores (dozens of tiny
+    blocks per group and four extra executors competing for one CPU).
 
     Parameters
     ----------
-    ds : a decoded tile Dataset holding column ``key``
-    key : e.g. ``"group"`` or ``"label"``
-    n_batches : batches to yield
+    source : raw (undecoded) tile rows: a ``read_tiles(..., decode=False)`` Dataset or a worker's shard of one
+    group_fn : numpy batch (``decode_tiles`` of the rows, no images) -> (N,) int group per row
+    seed : the sampling and augmentation stream
+    augment : random flips, rot90 and colour jitter per batch
     """
-    import torch
 
-    if values is None:
-        values = sorted(int(v) for v in ds.unique(key))
-    if not values:
-        raise ValueError(f"balanced stream: column {key!r} has no values")
-    if batch_size < len(values):
-        raise ValueError(f"balanced stream: batch_size {batch_size} < {len(values)} values of {key!r}")
-    share = [batch_size // len(values) + (i < batch_size % len(values)) for i in range(len(values))]
-    from ray.data.expressions import col
+    def __init__(self, source, group_fn, seed: int = 0, augment: bool = False):
+        tables = [t for t in source.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
+        if not tables:
+            raise ValueError("balanced stream: no rows")
+        self.table = pa.concat_tables(tables).combine_chunks()
+        meta = decode_tiles(self.table.drop_columns([c for c in ("image", "mask") if c in self.table.column_names]))
+        self.groups = np.asarray(group_fn(meta)).astype(np.int64)
+        self.rows = {int(g): np.flatnonzero(self.groups == g) for g in np.unique(self.groups)}
+        self.rng = np.random.default_rng(seed)
+        self.augment = augment
+        self._queues: dict[int, list[int]] = {g: [] for g in self.rows}
 
-    parts = {v: ds.filter(expr=col(key) == v).materialize() for v in values}
-    for v, part in parts.items():
-        if part.count() == 0:
-            raise ValueError(f"balanced stream: no rows with {key} == {v}")
+    @property
+    def counts(self) -> dict[int, int]:
+        return {g: len(r) for g, r in self.rows.items()}
 
-    def cycle(v: int, k: int):
-        epoch = 0
-        while True:
-            for b in torch_batches(parts[v], batch_size=k, augment=augment, shuffle_buffer=max(4 * k, 64),
-                                   drop_last=False, seed=seed * 7919 + epoch * 31 + v):
-                yield b
-            epoch += 1
+    def _draw(self, g: int, k: int) -> list[int]:
+        out, queue = [], self._queues[g]
+        while len(out) < k:
+            if not queue:
+                queue.extend(self.rng.permutation(self.rows[g]).tolist())
+            out.append(queue.pop())
+        return out
 
-    streams = [(cycle(v, k), k) for v, k in zip(values, share)]
-    pending = [None] * len(streams)
-    for _ in range(n_batches):
-        pieces = []
-        for i, (stream, k) in enumerate(streams):
-            got, need = [], k
-            while need > 0:
-                b = pending[i] if pending[i] is not None else next(stream)
-                pending[i] = None
-                n = len(b[key])
-                if n > need:
-                    head = {c: (x[:need] if not isinstance(x, list) else x[:need]) for c, x in b.items()}
-                    pending[i] = {c: (x[need:] if not isinstance(x, list) else x[need:]) for c, x in b.items()}
-                    b, n = head, need
-                got.append(b)
-                need -= n
-            pieces.extend(got)
-        batch = {}
-        for c in pieces[0]:
-            vals = [p[c] for p in pieces]
-            batch[c] = sum(vals, []) if isinstance(vals[0], list) else torch.cat(vals)
-        yield batch
+    def batches(self, batch_size: int, weights: dict[int, float] | None = None,
+                n_batches: int | None = None) -> Iterator[dict]:
+        """Torch batches (as ``torch_batches`` makes them) with ``weights[g]`` of each group; endless by default.
+
+        ``weights`` default to equal shares; a group with weight > 0 and no rows fails, naming it.
+        """
+        if weights is None:
+            if batch_size < len(self.rows):
+                raise ValueError(f"balanced stream: batch_size {batch_size} < {len(self.rows)} groups")
+            weights = {g: 1.0 for g in self.rows}
+        missing = sorted(g for g, w in weights.items() if w > 0 and g not in self.rows)
+        if missing:
+            raise ValueError(f"balanced stream: no rows in group(s) {missing}; groups present: {self.counts}")
+        order = sorted(weights)
+        share = shares(batch_size, [weights[g] for g in order])
+        collate = TorchCollate()
+        made = 0
+        while n_batches is None or made < n_batches:
+            idx = [i for g, k in zip(order, share) for i in self._draw(g, k)]
+            batch = decode_tiles(self.table.take(idx))
+            batch["group"] = self.groups[idx]
+            if self.augment:
+                batch = augment_batch(batch, seed=int(self.rng.integers(2**63)))
+            made += 1
+            yield collate(batch)

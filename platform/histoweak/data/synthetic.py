@@ -4,10 +4,11 @@ The embedded default dataset. Deterministic from a seed; every property a
 method's claim depends on is a documented knob of ``SynthPreset``:
 
 - ``shortcut`` (0–1): how strongly tissue amount predicts tumour. Tumours
-  grow only where the tissue is at least ``shortcut * max_depth`` deep, and
-  ``fragments`` small tumour-free tissue islands are scattered around, so
-  at high values tiles on tissue borders (little tissue) are rarely tumour,
-  as GERNE's paper observes on real slides; at 0 tumour reaches the edges.
+  grow only where the main tissue is at least ``shortcut * max_depth / 2``
+  deep, and of the ``fragments`` small tissue islands scattered around only
+  a share ``(1 - shortcut) / 2`` are tumour, so at high values tiles with
+  little tissue are rarely tumour, as GERNE's paper observes on real slides;
+  at 0 tumour reaches the edges and half the islands are tumour.
 - ``class_mix``: relative areas of stroma, lymphocytes and necrosis.
 - ``tumor_count``, ``tumor_radius``: tumour geometry (smooth, convex-ish blobs).
 - ``tumor_prob``: chance that a slide holds tumour at all (slide label).
@@ -55,7 +56,8 @@ class SynthPreset:
     mpp: float = 0.5
     tissue_fraction: float = 0.55  # area of the main tissue mass / slide area
     tissue_pieces: int = 1  # separate tissue masses
-    fragments: int = 6  # small tumour-free tissue islands
+    fragments: int = 6  # small tissue islands (see ``shortcut``)
+    fragment_radius: tuple[float, float] = (0.012, 0.03)  # fraction of the slide side
     class_mix: tuple[float, float, float] = (0.6, 0.25, 0.15)  # stroma, lymphocytes, necrosis
     tumor_prob: float = 1.0
     tumor_count: tuple[int, int] = (1, 3)
@@ -94,6 +96,11 @@ PRESETS: dict[str, SynthPreset] = {
         tumor_prob=0.5, tumor_count=(1, 2), tumor_radius=(0.006, 0.015), shortcut=0.0,
     ),
     "multimodal": SynthPreset(name="multimodal", dark_background=True),
+    # GERNE's study: multimodal images on black, tumour masses in a few tissue pieces and many small
+    # islands, so small-tissue tiles exist in both classes; ``shortcut`` sets how rarely they are tumour.
+    "gerne": SynthPreset(name="gerne", n_slides=20, tissue_fraction=0.3, tissue_pieces=3, fragments=60,
+                         fragment_radius=(0.003, 0.01), tumor_count=(2, 4), tumor_radius=(0.08, 0.16),
+                         dark_background=True),
 }
 
 
@@ -130,10 +137,14 @@ def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor:
     tissue = field < thresh
     tissue = ndi.binary_fill_holes(ndi.binary_opening(tissue, iterations=2))
     main_tissue = tissue.copy()
-    for _ in range(preset.fragments):  # small tumour-free islands
-        r = rng.uniform(0.012, 0.03) * n
+    tumour_islands = np.zeros((n, n), bool)
+    for _ in range(preset.fragments):  # small islands, tumour with probability (1 - shortcut) / 2
+        r = rng.uniform(*preset.fragment_radius) * n
         cy, cx = rng.uniform(0.05, 0.95, 2) * n
-        tissue |= _blob((n, n), cy, cx, r, r * rng.uniform(0.6, 1.4), rng.uniform(0, np.pi)) < 1 + 0.3 * noise
+        island = (_blob((n, n), cy, cx, r, r * rng.uniform(0.6, 1.4), rng.uniform(0, np.pi)) < 1 + 0.3 * noise) & ~tissue
+        if has_tumor and rng.random() < (1 - preset.shortcut) / 2:
+            tumour_islands |= island
+        tissue |= island
 
     # Non-tumour tissue classes from competing smooth fields, weighted by the class mix.
     mix = np.asarray(preset.class_mix, np.float32) / sum(preset.class_mix)
@@ -156,6 +167,7 @@ def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor:
             # Necrotic cores inside large tumours.
             core = ndi.distance_transform_edt(labels == TUMOR) > preset.tumor_radius[1] * n * 0.6
             labels[core & (noise > 0.3)] = NECROSIS
+    labels[tumour_islands] = TUMOR
     return labels
 
 

@@ -23,7 +23,32 @@ from torch import nn
 
 from histoweak import metrics as M
 
-__all__ = ["METHODS", "Hparams", "Method", "Task", "average_gradients", "build_method", "check_hparams", "register_method"]
+__all__ = ["GROUP_NAMES", "METHODS", "Hparams", "Method", "Task", "average_gradients", "build_method", "check_hparams",
+           "register_method", "tissue_groups"]
+
+#: names of the groups ``tissue_groups`` returns, by index
+GROUP_NAMES = ("y=0, small tissue", "y=0, large tissue", "y=1, small tissue", "y=1, large tissue")
+
+
+def tissue_groups(y, tissue_ratio, tau: float) -> np.ndarray:
+    """GERNE's groups (y, z) with z = [r_tissue >= tau] (eq. 5), as the index ``2 * y + z``.
+
+    The one place groups are defined: 0 = (y=0, small tissue), 1 = (y=0, large),
+    2 = (y=1, small), 3 = (y=1, large); see ``GROUP_NAMES``.
+
+    Parameters
+    ----------
+    y : (N,) binary labels (0/1)
+    tissue_ratio : (N,) fraction of tissue pixels in each tile
+    tau : threshold on the tissue ratio, in [0, 1] (the paper uses 0.1 and 0.03)
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"group threshold tau must be in [0, 1], got {tau}")
+    y = np.asarray(y)
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError("tissue groups need binary labels (0/1)")
+    z = np.asarray(tissue_ratio, np.float64) >= tau
+    return (2 * y.astype(np.int64) + z).astype(np.int64)
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -58,6 +83,16 @@ class Task:
         if self.multilabel:
             return self.n_classes - 1
         return 2  # binary presence or a binary label column
+
+    def groups(self, batch: dict, tau: float) -> np.ndarray:
+        """Groups (y, [r_tissue >= tau]) of a numpy batch (``labels``/``label`` and ``tissue_ratio``); binary targets only."""
+        if self.multilabel:
+            raise ValueError("tissue groups need a binary target ('class:<c>' or 'label'), not 'labels'")
+        if self.target == "label":
+            y = np.asarray(batch["label"])
+        else:
+            y = np.asarray(batch["labels"])[:, int(self.target.split(":", 1)[1])] > 0
+        return tissue_groups(y, batch["tissue_ratio"], tau)
 
     def targets(self, batch: dict) -> torch.Tensor:
         """(N,) int64 class targets, or (N, C-1) float multi-hot targets."""
@@ -128,7 +163,10 @@ def build_method(name: str, hparams: dict[str, Any] | None = None, task: Task | 
         cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}") from None
-    return cls(check_hparams(cls.Hparams, dict(hparams or {}), name), task or Task())
+    task = task or Task()
+    if not cls.supports(task):
+        raise ValueError(f"method {name!r} does not support target {task.target!r}")
+    return cls(check_hparams(cls.Hparams, dict(hparams or {}), name), task)
 
 
 class Method(nn.Module):
@@ -139,6 +177,18 @@ class Method(nn.Module):
     #: validation metric used to pick the best checkpoint, and whether higher is better
     selection_metric: ClassVar[str] = "val_bca"
     selection_mode: ClassVar[str] = "max"
+    #: the method needs groups (``TrainConfig.group_tau``) and a group-balanced stream: each batch then
+    #: carries ``batch["balanced"]``, a second batch drawn with ``balanced_weights`` per group
+    needs_balanced_stream: ClassVar[bool] = False
+
+    @classmethod
+    def supports(cls, task: Task) -> bool:
+        """Whether the method can learn ``task``'s target (checked by ``build_method``)."""
+        return True
+
+    def balanced_weights(self, group_counts: dict[int, int]) -> dict[int, float]:
+        """Share of each group in the balanced batch, given the groups' sizes in the training split."""
+        return {g: 1.0 for g in group_counts}
 
     def __init__(self, hparams: Hparams, task: Task):
         super().__init__()

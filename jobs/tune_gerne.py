@@ -1,0 +1,34 @@
+"""Sweep GERNE (search_spaces/gerne.yaml) against the tissue-size shortcut; optionally the ERM baselines too.
+
+    ray job submit --working-dir . -- python jobs/tune_gerne.py [--data TILES] [--with-erm] [--seeds 3] [--smoke-test]
+
+Then `histoweak report --table1` prints the paper's Table 1 from both sweeps.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from histoweak.cli import add_tune_arguments, cmd_tune
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    spaces = Path(__file__).resolve().parents[1] / "search_spaces"
+    add_tune_arguments(parser, default_space=str(spaces / "gerne.yaml"))
+    parser.add_argument("--with-erm", action="store_true", help="also run search_spaces/gerne-erm.yaml (Table 1's ERM rows)")
+    parser.add_argument("--erm-space", default=str(spaces / "gerne-erm.yaml"))
+    args = parser.parse_args()
+    try:
+        code = cmd_tune(args)
+        if args.with_erm and code == 0:
+            args.search_space = args.erm_space
+            code = cmd_tune(args)
+        return code
+    except ValueError as exc:
+        print(f"tune_gerne: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

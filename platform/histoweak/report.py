@@ -1,0 +1,121 @@
+"""Paper-style result tables: GERNE's Table 1 (WGA and BCA per threshold, mean ± std over seeds).
+
+Used by ``histoweak report --table1`` (runs from MLflow) and by
+``benchmarks/gerne_vs_erm.py`` (runs it trains itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from histoweak import metrics as M
+from histoweak.methods.base import tissue_groups
+
+__all__ = ["TABLE1_ROWS", "format_table1", "group_counts", "metrics_at_tau", "table1_cells"]
+
+#: (row label, method, selection metric) in the paper's order
+TABLE1_ROWS = (("ERM", "erm", "val_bca"), ("ERM", "erm", "val_wga"), ("GERNE", "gerne", "val_wga"))
+
+
+def metrics_at_tau(pred: dict, tau: float, prefix: str) -> dict[str, float]:
+    """Accuracy metrics of binary predictions with groups recomputed at threshold ``tau``.
+
+    ``pred`` as from ``histoweak.train.predict_split``: ``targets``, ``probs`` and ``tissue_ratio``;
+    groups do not depend on the model, so any run can be scored at any threshold after the fact.
+    """
+    y, p = pred["targets"], pred["probs"].argmax(1)
+    g = tissue_groups(y, pred["tissue_ratio"], tau)
+    acc = M.group_accuracies(y, p, g)
+    return {f"{prefix}_bca": M.balanced_accuracy(y, p), f"{prefix}_wga": M.worst_group_accuracy(y, p, g),
+            f"{prefix}_acc": M.accuracy(y, p), **{f"{prefix}_acc_group{k}": v for k, v in acc.items()},
+            **{f"{prefix}_n_group{k}": int((g == k).sum()) for k in range(4)}}
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    v = 100 * np.asarray(values, float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+def format_table1(cells: dict[tuple[str, str], dict[float, list[tuple[float, float]]]], taus: list[float],
+                  title: str = "") -> str:
+    """The paper's Table 1 layout.
+
+    cells : ``{(method, selection metric): {tau: [(test WGA, test BCA) per seed]}}``
+    """
+    head = ["Method", "Eval. metric"] + [f"{m} (tau={t:g})" for t in taus for m in ("WGA", "BCA")]
+    lines = []
+    for label, method, sel in TABLE1_ROWS:
+        row = [label, sel.removeprefix("val_").upper()]
+        for t in taus:
+            runs = cells.get((method, sel), {}).get(t, [])
+            row += [_cell([w for w, _ in runs]), _cell([b for _, b in runs])]
+        lines.append(row)
+    n = {(m, s): max((len(v) for v in cells.get((m, s), {}).values()), default=0) for _, m, s in TABLE1_ROWS}
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+    out = [title] if title else []
+    out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines]
+    out.append(f"test accuracies (%), mean ± std over seeds (runs per cell: {', '.join(f'{m}/{s}: {k}' for (m, s), k in n.items())})")
+    return "\n".join(out)
+
+
+def group_counts(tile_table: str, target: str, n_classes: int, tau: float) -> dict[str, dict[int, int]]:
+    """Tiles per group (``tissue_groups`` at ``tau``) in each split, read from the table's metadata columns only."""
+    import pyarrow.dataset as pads
+
+    from histoweak.methods.base import Task
+
+    files = sorted(str(p) for p in Path(tile_table).rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"{tile_table}: no Parquet files")
+    t = pads.dataset(files, format="parquet").to_table(columns=["split", "labels", "label", "tissue_ratio"])
+    labels = t.column("labels").combine_chunks()
+    meta = {"labels": labels.flatten().to_numpy(zero_copy_only=False).reshape(len(labels), -1),
+            "label": t.column("label").fill_null(-1).to_numpy(), "tissue_ratio": t.column("tissue_ratio").to_numpy()}
+    groups = Task(target, n_classes).groups(meta, tau)
+    split = np.asarray(t.column("split").to_pylist())
+    return {s: {int(g): int(((split == s) & (groups == g)).sum()) for g in range(4)}
+            for s in ("train", "val", "test") if (split == s).any()}
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def table1_cells(runs: list[dict]) -> tuple[dict, list[float]]:
+    """Table 1 cells from finished runs, each ``{"params": {...}, "metrics": {...}}`` (MLflow child runs).
+
+    Runs are keyed by (method, selection metric, tau); within a key, the hyperparameter setting
+    (every ``swept.*`` parameter except the seed) with the best mean validation score is kept, and
+    its seeds' test (WGA, BCA) fill the cell.
+    """
+    from histoweak.methods import METHODS
+
+    groups: dict = {}
+    for r in runs:
+        p, m = r["params"], r["metrics"]
+        method = p.get("method")
+        if method not in ("erm", "gerne") or p.get("group_tau") in (None, "None"):
+            continue
+        sel = p.get("select") if p.get("select") not in (None, "None") else METHODS[method].selection_metric
+        tau = float(p["group_tau"])
+        setting = tuple(sorted((k, v) for k, v in p.items()
+                               if k.startswith("swept.") and k not in ("swept.train.seed", "swept.train.group_tau",
+                                                                       "swept.train.select")))
+        score = m.get(f"best_{sel}", m.get(sel))
+        if score is None or "test_wga" not in m:
+            continue
+        groups.setdefault((method, sel, tau), {}).setdefault(setting, []).append((score, m["test_wga"], m["test_bca"]))
+    cells: dict = {}
+    for (method, sel, tau), settings in groups.items():
+        best = max(settings.values(), key=lambda runs: np.mean([s for s, _, _ in runs]))
+        cells.setdefault((method, sel), {})[tau] = [(w, b) for _, w, b in best]
+    taus = sorted({tau for (_, _, tau) in groups}, reverse=True)
+    return cells, taus
