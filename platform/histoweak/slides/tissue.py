@@ -141,3 +141,27 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_size: int = 64)
         # scikit-image >= 0.26: objects of at most max_size pixels are removed.
         fg = morphology.remove_small_objects(fg, max_size=min_size - 1)
     return fg
+
+
+def background_seed(rgb: np.ndarray, grey: float = 200, min_size: int = 50) -> np.ndarray:
+    """PSCL's background seed: near-white pixels (grey level above ``grey``) in regions of at least ``min_size`` pixels.
+
+    Colour thresholding plus ``remove_small_objects`` (thesis §4.3.2, after Kang et al. and
+    Han et al.'s ``gen_bg_mask``); the region size keeps isolated bright pixels inside tissue
+    from counting as background. The thesis uses ``min_size`` 200 (LUAD-HistoSeg) and 600 (BCSS-WSSS).
+
+    Parameters
+    ----------
+    rgb : (h, w, 3) or (n, h, w, 3) uint8
+
+    Returns
+    -------
+    bool array of the same leading shape
+    """
+    if rgb.ndim == 4:
+        return np.stack([background_seed(x, grey, min_size) for x in rgb])
+    lum = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    white = lum > grey
+    if min_size > 1:
+        white = morphology.remove_small_objects(white, max_size=min_size - 1, connectivity=1)
+    return white

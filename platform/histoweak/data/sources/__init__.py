@@ -1,0 +1,53 @@
+"""Public weakly-supervised segmentation datasets as histoweak tile tables.
+
+Each registered source reads one dataset's documented on-disk layout and
+writes the tile table the rest of histoweak trains on::
+
+    from histoweak.data.sources import convert_source
+    convert_source("luad-histoseg", "/data/LUAD-HistoSeg", "tiles/luad-histoseg")
+
+A dataset that does not match its layout fails (``SourceError``, naming
+every bad file) before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from histoweak.data.sources import bcss_wsss, luad_histoseg  # noqa: F401 — importing registers them
+from histoweak.data.sources._patches import (
+    MASK_INDEX_TO_CLASS, ROWS_PER_FILE, SOURCES, ConversionReport, PatchDataset, SourceError, convert_patch_dataset,
+    get_source, mask_to_classes, parse_label,
+)
+
+__all__ = [
+    "MASK_INDEX_TO_CLASS",
+    "ROWS_PER_FILE",
+    "SOURCES",
+    "ConversionReport",
+    "PatchDataset",
+    "SourceError",
+    "convert_source",
+    "get_source",
+    "mask_to_classes",
+    "parse_label",
+]
+
+
+def convert_source(name: str, root: str | Path, out_dir: str | Path, rows_per_file: int = ROWS_PER_FILE,
+                   progress: bool = False) -> ConversionReport:
+    """Convert the dataset ``name`` (a key of ``SOURCES``) found at ``root`` into a tile table at ``out_dir``.
+
+    Writes ``<out_dir>/<split>/part-NNNNN.parquet`` and ``_manifest.json``;
+    ``out_dir`` must not exist or be empty.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name`` (with the valid names), a non-empty ``out_dir``, or
+        ``rows_per_file < 1``.
+    SourceError
+        The dataset does not match its layout or a patch does not decode;
+        nothing is written.
+    """
+    return convert_patch_dataset(get_source(name), root, out_dir, rows_per_file=rows_per_file, progress=progress)
