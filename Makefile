@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := token
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo demo-data test test-all bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
+	$(BIN)/python jobs/tune_pscl.py --stage2
+
+demo-data: install
 	$(BIN)/python jobs/demo.py
 
 test: install

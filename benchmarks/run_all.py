@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_pscl_loss  # noqa: E402
 import bench_streaming  # noqa: E402
 import bench_train  # noqa: E402
 import bench_tiling  # noqa: E402
@@ -16,6 +17,7 @@ import bench_tiling  # noqa: E402
 def main() -> None:
     quick = "--quick" in sys.argv
     size = ["--size", "4096"] if quick else []
+    pscl = bench_pscl_loss.main(["--batch", "2"] if quick else [])  # before Ray starts: it times CPU-bound subprocesses
     tiling = bench_tiling.main(size)
     import ray
 
@@ -29,6 +31,11 @@ def main() -> None:
           f"of ceiling = {streaming['vs_ceiling']:.0%} (goal >= 70%)")
     print(f"training: Ray Train / plain PyTorch steps/s = {train['train_ratio']:.2f}x (goal >= 0.9x)")
     print(f"sweep: wall time / sum of trial training time = {train['sweep_ratio']:.2f}x")
+    if pscl["max_rel_diff"] is None:
+        print("pscl loss: no SupConLoss baseline (pytorch-metric-learning not installed)")
+    else:
+        print(f"pscl loss: equals SupConLoss to {pscl['max_rel_diff']:.1e} (relative); peak memory at "
+              f"{pscl['compared_at']} = {pscl['memory_ratio']:.2f}x SupConLoss's")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`make demo`: the data plane end to end on the embedded defaults (later: the PSCL sweep).
+"""`make demo-data`: the data plane end to end on the embedded defaults (`make demo` runs the PSCL sweep).
 
     python jobs/demo.py [--workdir .cache/demo] [--smoke-test]
 """

@@ -81,19 +81,26 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert "tiles from 3/3 slides" in job.stdout
-        # the ERM sweep, submitted the same way, records into the MLflow store the submitter names
+        # the flagship PSCL sweep, submitted the same way, records into the MLflow store the submitter names
         store = tmp_path / "mlruns.db"
         runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}})
         job = subprocess.run([ray_bin, "job", "submit", "--address", "http://127.0.0.1:8271", "--working-dir",
-                              str(repo), "--runtime-env-json", runtime_env, "--", "python", "jobs/tune_erm.py",
-                              "--smoke-test", "--no-progress"],
-                             env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+                              str(repo), "--runtime-env-json", runtime_env, "--", "python", "jobs/tune_pscl.py",
+                              "--smoke-test", "--stage2", "--no-progress"],
+                             env=env, capture_output=True, text=True, timeout=900, cwd=repo)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(f"sqlite:///{store}")
-        runs = client.search_runs([client.get_experiment_by_name("erm-lr-wd").experiment_id])
-        assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 2  # the smoke sweep's two trials
+        runs = client.search_runs([client.get_experiment_by_name("pscl").experiment_id])
+        trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.run_name != "stage2"]
+        assert len(trials) == 2 and {r.data.params["hparams.lam"] for r in trials} == {"0.0", "0.1"}  # baseline, PSCL
+        for r in trials:
+            assert r.info.status == "FINISHED" and {"val_miou", "test_miou", "test_fwiou"} <= set(r.data.metrics)
+            arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+            assert {"test_cam_overlays.png", "test_cam_histogram.png"} <= arts
+        stage2 = [r for r in runs if r.info.run_name == "stage2"]
+        assert len(stage2) == 1 and "test_miou" in stage2[0].data.metrics
     finally:
         # Not `ray stop`: it would also kill the session's local Ray that other tests use.
         procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]

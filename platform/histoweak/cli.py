@@ -41,6 +41,8 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
             kind = int
         p.add_argument(flag, dest=f.name, type=kind, default=default, help=f"(default: {default})")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stage2", action="store_true",
+                   help="then train the search space's stage-2 decoder on the best trial's pseudo-labels (PSCL)")
 
 
 def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = None) -> None:
@@ -58,6 +60,8 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
     p.add_argument("--address", default=None)
     p.add_argument("--smoke-test", action="store_true", help="apply the file's `smoke:` overrides, tiny data")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stage2", action="store_true",
+                   help="then train the search space's stage-2 decoder on the best trial's pseudo-labels (PSCL)")
 
 
 def run_tiling(args: argparse.Namespace) -> int:
@@ -116,6 +120,14 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from histoweak.data.sources import convert_source
+
+    report = convert_source(args.source, args.root, args.out, progress=True)
+    print(f"{report.n_tiles} tiles {report.tiles} -> {Path(args.out).resolve()}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
@@ -152,7 +164,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         space = space.with_params({"train.seed": {"grid": list(range(args.seeds))}})
     init_ray(args.address)
     table, n_classes = resolve_data(args.data or space.data, args.smoke_test)
-    rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress)
+    rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
+                     stage2=getattr(args, "stage2", False))
     _print_rows(rows, f"sweep {space.name}: {len(rows)} trials, best first")
     from histoweak import tracking
 
@@ -168,7 +181,7 @@ def _print_rows(rows: list[dict], title: str) -> None:
     if not rows:
         print("  (no finished trials)")
         return
-    keys = [k for k in rows[0] if k not in ("mlflow_run_id",)]
+    keys = [k for k in rows[0] if k not in ("mlflow_run_id", "best_checkpoint")]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     widths = {k: min(max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)), 40) for k in keys}
     print("  " + "  ".join(k[:40].ljust(widths[k]) for k in keys))
@@ -290,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tile", help="tile slides (and masks) into a Parquet tile table with Ray")
     add_tiling_arguments(p)
     p.set_defaults(func=run_tiling)
+
+    p = sub.add_parser("import", help="turn a public patch dataset (LUAD-HistoSeg, BCSS-WSSS) into a tile table")
+    p.add_argument("source", choices=["luad-histoseg", "bcss-wsss"])
+    p.add_argument("root", help="the dataset's folder (train/ or training/, val/, test/)")
+    p.add_argument("out", help="the tile table to write (must not exist or be empty)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("train", help="train one method with Ray Train")
     p.add_argument("--method", default=None, help="registered method (default: erm)")

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
+__all__ = ["cam_histogram_figure", "cam_overlay_figure", "confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
            "shortcut_figure"]
 
 
@@ -119,5 +119,56 @@ def group_counts_figure(counts: dict[str, dict[int, int]], names: tuple[str, ...
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _class_colours(n: int) -> np.ndarray:
+    base = np.array([[255, 255, 255], [200, 40, 40], [60, 160, 60], [60, 90, 200], [230, 170, 30], [150, 60, 170],
+                     [40, 170, 170], [120, 120, 120]], np.uint8)
+    return base[np.arange(n) % len(base)]
+
+
+def cam_overlay_figure(samples: dict, class_names: list[str], title: str = ""):
+    """Fixed tiles: image | ground truth | pseudo-label | one CAM overlay per class (PSCL's pictures)."""
+    images, n = samples["image"], len(samples["image"])
+    k = len(class_names) - 1
+    colours = _class_colours(len(class_names))
+    fig, axes = plt.subplots(n, 3 + k, figsize=(1.6 * (3 + k), 1.6 * n + 0.4), squeeze=False)
+    for i in range(n):
+        row = [("image", images[i]), ("truth", colours[samples["mask"][i]]), ("pseudo-label", colours[samples["pseudo"][i]])]
+        for j, (name, im) in enumerate(row):
+            axes[i, j].imshow(im)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+        for c in range(k):
+            ax = axes[i, 3 + c]
+            ax.imshow(images[i])
+            ax.imshow(samples["cams"][i][c], cmap="jet", alpha=0.45, vmin=0, vmax=255)
+            if i == 0:
+                ax.set_title(f"CAM {class_names[c + 1]}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def cam_histogram_figure(hist: np.ndarray, class_names: list[str], title: str = "CAM activation at each class's pixels"):
+    """The thesis's Fig. 5.1: distribution of CAM values over the pixels of each class (one panel per class)."""
+    k = hist.shape[0]
+    fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.6), squeeze=False)
+    edges = np.linspace(0, 1, hist.shape[1] + 1)
+    for c in range(k):
+        ax = axes[0, c]
+        h = hist[c] / max(hist[c].sum(), 1)
+        ax.bar((edges[:-1] + edges[1:]) / 2, h, width=0.9 / hist.shape[1], color="tab:purple")
+        ax.set_title(class_names[c + 1], fontsize=9)
+        ax.set_xlabel("CAM value")
+        if c == 0:
+            ax.set_ylabel("fraction of pixels")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -36,7 +36,7 @@ from ray.train.v2.api.callback import UserCallback
 from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
                                       read_tiles, torch_batches)
 from histoweak.methods import METHODS, build_method
-from histoweak.methods.base import Task, check_hparams
+from histoweak.methods.base import Task, check_hparams, predict_split, to_device
 
 __all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "evaluate", "fit", "predict_split", "score_checkpoint",
            "train_loop_per_worker"]
@@ -125,34 +125,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def predict_split(method, batches) -> dict[str, np.ndarray]:
-    """``method.predict`` over ``batches``: targets, probs (N, outputs) and groups (-1 where unset)."""
-    targets, probs, groups, extra = [], [], [], {"tissue_ratio": [], "class_ratios": []}
-    device = method.device
-    for b in batches:
-        b = _to_device(b, device)
-        probs.append(method.predict(b).float().cpu().numpy())
-        targets.append(method.task.targets(b).cpu().numpy())
-        groups.append(b["group"].cpu().numpy() if "group" in b else np.full(len(probs[-1]), -1))
-        for k in extra:
-            if k in b:
-                extra[k].append(b[k].cpu().numpy())
-    if not probs:
-        return {}
-    out = {"targets": np.concatenate(targets), "probs": np.concatenate(probs), "groups": np.concatenate(groups)}
-    out.update({k: np.concatenate(v) for k, v in extra.items() if len(v) == len(probs)})
-    return out
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else _to_device(v, device) if isinstance(v, dict) else v)
-            for k, v in batch.items()}
-
-
 def evaluate(method, batches, prefix: str) -> dict[str, float]:
-    """Run ``method.predict`` over ``batches`` and compute the method's metrics for the whole split."""
-    pred = predict_split(method, batches)
-    return method.evaluate(pred["targets"], pred["probs"], pred["groups"], prefix=prefix) if pred else {}
+    """The method's metrics over a whole split of ``batches``."""
+    return method.evaluate_batches(batches, prefix)[0]
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -166,6 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
     _seed_everything(cfg.seed + rank)
     device = ray.train.torch.get_device()
     method = build_method(cfg.method, cfg.hparams, Task(cfg.target, config["n_classes"])).to(device)
+    method.class_names = config.get("class_names")
 
     start_epoch, best = 0, None
     ckpt = ray.train.get_checkpoint()
@@ -195,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if balanced is not None:
                 batch["balanced"] = next(balanced)
-            logs.append(method.step(_to_device(batch, device)))
+            logs.append(method.step(to_device(batch, device)))
             _maybe_inject_fault(epoch, rank)
             n += len(batch["image"])
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean([l["loss"] for l in logs])) if logs else float("nan"),
@@ -266,14 +242,14 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
         plan = plan_resources(cpu_share or ray.cluster_resources().get("CPU", 1), num_workers)
         apply_resource_plan(plan)
         resources = {"CPU": plan.cpus_per_worker}
-    cols = list(TRAIN_COLUMNS)
+    method_cls = METHODS[config.method]
+    cols = list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns]))
     train_ds = read_tiles(tile_table, split="train", columns=cols)
     train_ds = augment_dataset(train_ds) if config.augment else train_ds
-    val_ds = read_tiles(tile_table, split="val", columns=cols)
-    method_cls = METHODS[config.method]
+    val_ds = read_tiles(tile_table, split="val", columns=_eval_columns(method_cls))
     sel, mode = config.select or method_cls.selection_metric, method_cls.selection_mode
     datasets = {"val": val_ds}
-    loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes}
+    loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes, "class_names": class_names_of(tile_table)}
     if config.group_tau is not None:
         groups = _group_fn(config, n_classes)
         train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
@@ -306,6 +282,18 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
                         checkpoints=[(c.path, dict(m)) for c, m in result.best_checkpoints])
 
 
+def class_names_of(tile_table: str) -> list[str] | None:
+    """Class names from a local tile table's manifest (None when it has none or is remote)."""
+    try:
+        return list(json.loads((Path(tile_table) / "_manifest.json").read_text())["classes"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _eval_columns(method_cls) -> list[str]:
+    return list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns, *method_cls.eval_columns]))
+
+
 def _group_fn(config: TrainConfig, n_classes: int):
     """The tile -> group function of a run (``Task.groups`` at the run's threshold), for ``add_column``."""
     import functools
@@ -329,8 +317,61 @@ def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "
         warnings.simplefilter("ignore")
         method = build_method(cfg.method, hp, Task(cfg.target, n_classes))
     method.load_state_dict(state["model"])
-    ds = read_tiles(tile_table, split=split, columns=list(TRAIN_COLUMNS))
+    method.class_names = class_names_of(tile_table)
+    ds = read_tiles(tile_table, split=split, columns=_eval_columns(METHODS[cfg.method]))
     if cfg.group_tau is not None:
         ds = add_column(ds, "group", _group_fn(cfg, n_classes))
-    pred = predict_split(method, torch_batches(ds, batch_size=cfg.batch_size))
-    return (method.evaluate(pred["targets"], pred["probs"], pred["groups"], prefix=split) if pred else {}), pred
+    return method.evaluate_batches(torch_batches(ds, batch_size=cfg.batch_size), split)
+
+
+def write_pseudo_labels(checkpoint: str, tile_table: str, out_dir: str, n_classes: int, batch_size: int = 32,
+                        progress: bool = True) -> Path:
+    """A tile table whose training tiles carry a stage-1 model's pseudo-labels (PSCL eq. 4.9) as their ``mask``.
+
+    Every Parquet file of ``tile_table`` is copied to the same relative path under ``out_dir`` with the
+    train rows' ``mask`` replaced (val/test keep their ground truth), written atomically, so a rerun
+    skips the files already done. Runs in this process (the driver); the manifest records the checkpoint.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from histoweak.data.schema import write_table_atomic
+    from histoweak.data.streaming import TorchCollate, decode_tiles
+    from histoweak.slides.tiling import encode_image
+
+    with open(Path(checkpoint) / "config.json") as fh:
+        saved = json.load(fh)
+    cfg = TrainConfig.from_dict(saved["train"])
+    if not getattr(METHODS[cfg.method], "pseudo_labels", None):
+        raise ValueError(f"{checkpoint}: method {cfg.method!r} does not make pseudo-labels")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the checkpoint carries the weights
+        method = build_method(cfg.method, {**cfg.hparams, "weights": None}, Task(cfg.target, n_classes))
+    method.load_state_dict(torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)["model"])
+    method.eval()
+    src, out = Path(tile_table), Path(out_dir)
+    files = sorted(src.rglob("*.parquet"))
+    collate = TorchCollate()
+    for f in tqdm(files, desc="pseudo-labels", unit="file", disable=not progress):
+        target = out / f.relative_to(src)
+        if target.exists():
+            continue
+        table = pq.read_table(f)
+        masks = table.column("mask").to_pylist()
+        is_train = np.asarray(table.column("split").to_pylist()) == "train"
+        rows = np.flatnonzero(is_train)
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            batch = collate(decode_tiles(table.take(pa.array(idx)).select(["image", "labels"])))
+            pseudo = method.pseudo_labels(batch).cpu().numpy().astype(np.uint8)
+            for i, p in zip(idx, pseudo):
+                masks[i] = encode_image(p)
+        table = table.set_column(table.schema.get_field_index("mask"), "mask", pa.array(masks, pa.binary()))
+        write_table_atomic(table, target)
+    manifest = json.loads((src / "_manifest.json").read_text())
+    manifest["pseudo_labels"] = {"checkpoint": str(checkpoint), "source": str(src.resolve()), "equation": "PSCL eq. 4.9"}
+    (out / "_manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

@@ -35,13 +35,14 @@ from typing import Any
 import yaml
 
 from histoweak.methods import METHODS
-from histoweak.train import TrainConfig
+from histoweak.train import TrainConfig, class_names_of
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "load_search_space", "run_sweep"]
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 _TOP_KEYS = {"name", "method", "data", "train", "hparams", "params", "metric", "mode", "num_samples", "scheduler",
-             "max_concurrent_trials", "smoke", "description"}
+             "max_concurrent_trials", "smoke", "description", "stage2"}
+_STAGE2_KEYS = {"loss", "epochs", "steps_per_epoch", "batch_size", "lr", "decoder_width"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SearchSpace:
     max_concurrent_trials: int | None = None
     data: str | None = None
     smoke: dict[str, Any] = field(default_factory=dict)
+    stage2: dict[str, Any] = field(default_factory=dict)  # PSCL: a decoder on the best trial's pseudo-labels
     source: str = "<dict>"
 
     def with_overrides(self, overrides: dict[str, Any]) -> "SearchSpace":
@@ -170,10 +172,18 @@ def _validate(raw: Any, where: str) -> SearchSpace:
     smoke = raw.get("smoke") or {}
     if not isinstance(smoke, dict):
         bad("smoke", "must be a mapping of overrides")
+    stage2 = raw.get("stage2") or {}
+    if not isinstance(stage2, dict):
+        bad("stage2", f"must be a mapping with keys {sorted(_STAGE2_KEYS)}")
+    for k in stage2:
+        if k not in _STAGE2_KEYS:
+            bad(f"stage2.{k}", f"unknown; valid: {sorted(_STAGE2_KEYS)}")
+    if stage2.get("loss", "ce") not in ("ce", "nr"):
+        bad("stage2.loss", "must be 'ce' or 'nr'")
     space = SearchSpace(name=raw["name"], method=raw["method"], train=dict(raw.get("train") or {}),
                         hparams=dict(raw.get("hparams") or {}), params=dict(params), metric=metric, mode=mode,
                         num_samples=n, scheduler=dict(sched), max_concurrent_trials=mct, data=raw.get("data"),
-                        smoke=dict(smoke), source=where)
+                        smoke=dict(smoke), stage2=dict(stage2), source=where)
     try:  # the fixed settings must make a valid TrainConfig on their own
         space.trial_config({k: _example(v) for k, v in params.items()})
     except (ValueError, TypeError) as exc:
@@ -218,20 +228,39 @@ def trial(config: dict, ctx: dict) -> None:
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
         final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
-        _log_test_figures(run_id, uri, out.test_predictions, cfg.target, cfg.group_tau)
-        ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id})
+        _log_test_figures(run_id, uri, out.test_predictions, cfg.target, cfg.group_tau, ctx.get("class_names"))
+        ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id, "best_checkpoint": out.checkpoint})
         status = "FINISHED"
     finally:
         tracking.end_run(run_id, status, uri)
 
 
-def _log_test_figures(run_id: str, uri: str, pred: dict, target: str, tau: float | None = None) -> None:
+def _log_cam_figures(run_id: str, uri: str, pred: dict, class_names: list[str] | None) -> None:
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, tracking
+
+    names = class_names or [str(c) for c in range(pred["cam_hist"].shape[0] + 1)]
+    fig = figures.cam_histogram_figure(pred["cam_hist"], names, "test: CAM activation at each class's pixels")
+    tracking.log_figure(run_id, fig, "test_cam_histogram.png", uri)
+    plt.close(fig)
+    if pred.get("image"):
+        fig = figures.cam_overlay_figure(pred, names, "test tiles (fixed set): CAMs, pseudo-labels and ground truth")
+        tracking.log_figure(run_id, fig, "test_cam_overlays.png", uri)
+        plt.close(fig)
+
+
+def _log_test_figures(run_id: str, uri: str, pred: dict, target: str, tau: float | None = None,
+                      class_names: list[str] | None = None) -> None:
     """Confusion matrix and, with groups, per-group accuracy and the shortcut analysis of the best checkpoint on test."""
     import matplotlib.pyplot as plt
 
     from histoweak import figures, metrics, tracking
 
-    if not pred or pred["probs"].ndim != 2 or target == "labels":
+    if pred and "cam_hist" in pred:  # segmentation from patch labels (PSCL)
+        _log_cam_figures(run_id, uri, pred, class_names)
+        return
+    if not pred or "probs" not in pred or pred["probs"].ndim != 2 or target == "labels":
         return
     y, p = pred["targets"], pred["probs"].argmax(1)
     k = pred["probs"].shape[1]
@@ -288,7 +317,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path = ".cache/ray_results",
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, stage2: bool = False) -> list[dict]:
     """Run (or resume) the sweep; returns the leaderboard rows, best first, and logs it to MLflow."""
     import ray
     from ray import tune
@@ -328,7 +357,8 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         _log_group_counts(space, tile_table, n_classes, parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
            "cpu_share": None if gpus else cpus / concurrency,
-           "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags}
+           "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags,
+           "class_names": class_names_of(str(tile_table))}
     # The trial function only drives Ray Train (whose workers hold the real resources): a token CPU share.
     trainable = tune.with_resources(tune.with_parameters(trial, ctx=ctx), {"cpu": 0.01})
     param_space = {k: _tune_domain(v) for k, v in space.params.items()}
@@ -358,11 +388,48 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
             swept = [f"swept.{k}" for k in space.params]
             tracking.log_figure(parent_id, figures.metric_vs_params_figure(rows, f"best_{space.metric}", swept),
                                 "summary.png", uri)
+            if stage2:
+                run_stage2(space, best, str(tile_table), n_classes, sweep_dir, parent_id, tags, uri)
         status = "FINISHED"
         return rows
     finally:
         tracking.close_children(parent_id, uri)  # trials stopped early by the scheduler end as KILLED
         tracking.end_run(parent_id, status, uri)
+
+
+def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, sweep_dir: Path, parent_id: str,
+               tags: dict, uri: str) -> dict[str, float]:
+    """PSCL stage 2 for the sweep's best trial: write its pseudo-labels, train the decoder on them, log both.
+
+    Runs as a child run ``stage2`` of the sweep; its test metrics are also logged on the sweep as ``stage2_*``.
+    """
+    from histoweak import tracking
+    from histoweak.train import MlflowMetricsCallback, fit, write_pseudo_labels
+
+    ckpt = best.get("best_checkpoint")
+    if not ckpt:
+        raise ValueError(f"sweep {space.name!r}: the best trial has no checkpoint for stage 2")
+    st = {"loss": "ce", "epochs": 3, "batch_size": 16, "lr": 1e-3, **space.stage2}
+    print(f"histoweak: stage 2 on the pseudo-labels of {best['trial']} ({st['loss']} loss)")
+    pseudo = write_pseudo_labels(ckpt, tile_table, str(sweep_dir / "pseudo_labels"), n_classes)
+    hp = {"stage1": ckpt, "loss": st["loss"], "lr": st["lr"], **({"decoder_width": st["decoder_width"]}
+                                                                   if "decoder_width" in st else {})}
+    cfg = TrainConfig(method="pscl-seg", target="mask", hparams=hp, epochs=st["epochs"], batch_size=st["batch_size"],
+                      steps_per_epoch=st.get("steps_per_epoch"), name=f"{space.name}-stage2",
+                      storage_path=str(sweep_dir / "stage2"))
+    run_id = tracking.child_run(parent_id, "stage2", {**_flat(dataclasses.asdict(cfg)), "pseudo_labels": str(pseudo),
+                                                     "stage1_trial": best["trial"]}, tags, uri)
+    status = "FAILED"
+    try:
+        out = fit(cfg, str(pseudo), n_classes, callbacks=[MlflowMetricsCallback(run_id, uri)])
+        tracking.log_metrics(run_id, out.test, step=cfg.epochs, uri=uri)
+        tracking.log_metrics(parent_id, {f"stage2_{k}": v for k, v in out.test.items()}, uri=uri)
+        print("histoweak: stage 2 (decoder on pseudo-labels), test: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in out.test.items() if k.endswith(("miou", "fwiou", "miou_fg"))))
+        status = "FINISHED"
+        return out.test
+    finally:
+        tracking.end_run(run_id, status, uri)
 
 
 def leaderboard(grid, space: SearchSpace) -> list[dict]:
@@ -374,7 +441,8 @@ def leaderboard(grid, space: SearchSpace) -> list[dict]:
             continue
         row = {"trial": Path(str(r.path)).name, **{f"swept.{k}": r.config.get(k) for k in space.params},
                key: m[key], **{k: v for k, v in m.items() if k.startswith("test_")},
-               "loop_seconds": m.get("loop_seconds"), "mlflow_run_id": m.get("mlflow_run_id")}
+               "loop_seconds": m.get("loop_seconds"), "mlflow_run_id": m.get("mlflow_run_id"),
+               "best_checkpoint": m.get("best_checkpoint")}
         rows.append(row)
     rev = space.mode == "max"
     rows.sort(key=lambda r: (-math.inf if math.isnan(r[key]) else r[key]), reverse=rev)

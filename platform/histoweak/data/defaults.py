@@ -9,7 +9,9 @@ __all__ = ["default_tile_table", "n_classes_of"]
 
 _TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_size=128, min_tissue=0.3),
            # every tile with any tissue: GERNE's groups are about how little tissue a tile holds
-           "gerne": dict(tile_size=96, min_tissue=0.01)}
+           "gerne": dict(tile_size=96, min_tissue=0.01),
+           # weakly-supervised segmentation: tiles mixing tissue classes and some background
+           "wsss": dict(tile_size=128, min_tissue=0.3)}
 
 
 def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default", **overrides) -> Path:

@@ -130,6 +130,9 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
     for key in ("label", "group"):
         if key in names:
             out[key] = batch.column(key).fill_null(-1).to_numpy().astype(np.int64)
+    for key in ("x", "y"):
+        if key in names:
+            out[key] = batch.column(key).to_numpy().astype(np.int64)
     if "tissue_ratio" in names:
         out["tissue_ratio"] = batch.column("tissue_ratio").to_numpy().astype(np.float32)
     if "class_ratios" in names and batch.column("class_ratios").null_count == 0:

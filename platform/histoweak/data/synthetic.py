@@ -12,6 +12,12 @@ method's claim depends on is a documented knob of ``SynthPreset``:
 - ``class_mix``: relative areas of stroma, lymphocytes and necrosis.
 - ``tumor_count``, ``tumor_radius``: tumour geometry (smooth, convex-ish blobs).
 - ``tumor_prob``: chance that a slide holds tumour at all (slide label).
+- ``partial`` (0–1): partial activation, as CAMs see real tissue. Each class
+  shows its full look (colour, nucleus density and colour, stromal fibres)
+  only in smooth "discriminative cores" (about a third of the tissue);
+  elsewhere its look is blended towards the average tissue by ``partial``,
+  so at 0.7 only 30 % of the class-specific contrast remains outside cores
+  (a weaker but real cue), and at 1 none does.
 
 Slides are tiled TIFFs whose reduced levels are successive pages marked
 ``subfiletype=1`` (so OpenSlide sees every level), JPEG-compressed, with
@@ -63,6 +69,7 @@ class SynthPreset:
     tumor_count: tuple[int, int] = (1, 3)
     tumor_radius: tuple[float, float] = (0.08, 0.16)  # fraction of the slide side
     shortcut: float = 0.5
+    partial: float = 0.0  # 0-1: how much of each region loses its class's look outside "discriminative cores"
     dark_background: bool = False
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test
 
@@ -76,6 +83,8 @@ class SynthPreset:
             bad("n_slides", f"must be >= 1, got {self.n_slides}")
         if not 0 <= self.shortcut <= 1:
             bad("shortcut", f"must be in [0, 1], got {self.shortcut}")
+        if not 0 <= self.partial <= 1:
+            bad("partial", f"must be in [0, 1], got {self.partial}")
         if not 0 <= self.tumor_prob <= 1:
             bad("tumor_prob", f"must be in [0, 1], got {self.tumor_prob}")
         if not 0 < self.tissue_fraction < 1:
@@ -96,6 +105,9 @@ PRESETS: dict[str, SynthPreset] = {
         tumor_prob=0.5, tumor_count=(1, 2), tumor_radius=(0.006, 0.015), shortcut=0.0,
     ),
     "multimodal": SynthPreset(name="multimodal", dark_background=True),
+    # PSCL's weakly-supervised segmentation: all classes mixed in every slide, partial activation.
+    "wsss": SynthPreset(name="wsss", n_slides=6, tissue_fraction=0.6, fragments=4, class_mix=(0.4, 0.3, 0.3),
+                        tumor_count=(2, 4), tumor_radius=(0.06, 0.12), shortcut=0.0, partial=0.7),
     # GERNE's study: multimodal images on black, tumour masses in a few tissue pieces and many small
     # islands, so small-tissue tiles exist in both classes; ``shortcut`` sets how rarely they are tumour.
     "gerne": SynthPreset(name="gerne", n_slides=20, tissue_fraction=0.3, tissue_pieces=3, fragments=60,
@@ -171,6 +183,13 @@ def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor:
     return labels
 
 
+def _class_look(preset: SynthPreset, rng: np.random.Generator, n: int, mask: np.ndarray) -> np.ndarray:
+    """(n, n) float32 weight of each pixel's class look: 1 in discriminative cores (~1/3 of the area), 1 - partial elsewhere."""
+    field = _smooth_noise(rng, (n, n), n / 48)
+    core = 1.0 / (1.0 + np.exp(-(field - 0.45) * 6.0))  # soft: about a third of the area is core
+    return (1.0 - preset.partial * (1.0 - core)).astype(np.float32)
+
+
 def render_slide(preset: SynthPreset, seed: int, has_tumor: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render one slide.
 
@@ -192,25 +211,37 @@ def render_slide(preset: SynthPreset, seed: int, has_tumor: bool | None = None) 
 
     base, nuc_col = (_MM_BASE, _MM_NUC) if preset.dark_background else (_HE_BASE, _HE_NUC)
     tissue = (mask > 0)[..., None]
+    look = _class_look(preset, rng, n, mask) if preset.partial > 0 else None  # 1 in cores, 1 - partial elsewhere
+
+    def blend(per_class: np.ndarray) -> np.ndarray:
+        """``per_class[mask]``, pulled towards the tissue average where the class is not discriminative."""
+        v = per_class[mask]
+        if look is None:
+            return v
+        avg = per_class[1:].mean(0)
+        w = look if v.ndim == 2 else look[..., None]
+        return np.where(tissue if v.ndim == 3 else mask > 0, avg + w * (v - avg), v).astype(np.float32)
+
     # Stain variation: smooth, slide-wide, per channel, in tissue only.
     low_var = np.stack([_smooth_noise(rng, (n // 16 + 1, n // 16 + 1), 6) for _ in range(3)], -1) * 9.0
     variation = np.repeat(np.repeat(low_var, 16, axis=0), 16, axis=1)[:n, :n]
-    img = base[mask] + variation * tissue
+    img = blend(base) + variation * tissue
     # Fibre-like streaks in stroma; a 1024-px texture tiled over the slide keeps this cheap.
     t = min(n, 1024)
     streak = ndi.gaussian_filter(rng.standard_normal((t, t), dtype=np.float32), (0.8, 5.0), mode="wrap") * 40
     streak = np.tile(streak, (n // t + 1, n // t + 1))[:n, :n]
-    img += (mask == STROMA)[..., None] * streak[..., None] * np.array([0.3, 0.8, 0.6], np.float32)
+    fibres = (mask == STROMA) * (look if look is not None else 1.0)
+    img += fibres[..., None] * streak[..., None] * np.array([0.3, 0.8, 0.6], np.float32)
     # Nuclei: random seeds with a class-dependent density, blurred into blobs of a class-dependent size.
     uniform = rng.random((n, n), dtype=np.float32)
-    seeds = uniform < (_NUC_DENSITY / 1000.0)[mask]
+    seeds = uniform < blend(_NUC_DENSITY / 1000.0)
     nuclei = np.zeros((n, n), np.float32)
     for sigma in sorted(set(_NUC_SIGMA.values())):
         classes = [c for c, s in _NUC_SIGMA.items() if s == sigma]
         sel = (seeds & np.isin(mask, classes)).astype(np.float32)
         nuclei += ndi.gaussian_filter(sel, sigma) * (2 * np.pi * sigma * sigma)
     alpha = np.clip(nuclei * 1.6, 0, 1)[..., None] * tissue
-    img = img * (1 - alpha) + nuc_col[mask] * alpha
+    img = img * (1 - alpha) + blend(nuc_col) * alpha
     grain = rng.standard_normal((t, t, 3), dtype=np.float32) * 5
     img += np.tile(grain, (n // t + 1, n // t + 1, 1))[:n, :n]
     return np.clip(img, 0, 255).astype(np.uint8), mask

@@ -1,6 +1,6 @@
 """Training methods: one file per method, registered by name (plain PyTorch, no Ray)."""
 
 from histoweak.methods.base import METHODS, Method, build_method, register_method
-from histoweak.methods import erm, gerne  # noqa: F401  — registers "erm", "gerne"
+from histoweak.methods import erm, gerne, pscl  # noqa: F401  — registers "erm", "gerne", "pscl", "pscl-seg"
 
 __all__ = ["METHODS", "Method", "build_method", "register_method"]

@@ -24,7 +24,7 @@ from torch import nn
 from histoweak import metrics as M
 
 __all__ = ["GROUP_NAMES", "METHODS", "Hparams", "Method", "Task", "average_gradients", "build_method", "check_hparams",
-           "register_method", "tissue_groups"]
+           "predict_split", "register_method", "tissue_groups", "to_device"]
 
 #: names of the groups ``tissue_groups`` returns, by index
 GROUP_NAMES = ("y=0, small tissue", "y=0, large tissue", "y=1, small tissue", "y=1, large tissue")
@@ -59,7 +59,8 @@ class Task:
 
     target : ``"class:<c>"`` — binary, is class c present in the tile (GERNE eq. 3);
              ``"labels"`` — multi-label presence of classes 1..C-1 (background excluded);
-             ``"label"`` — the row's integer label column (e.g. a slide label).
+             ``"label"`` — the row's integer label column (e.g. a slide label);
+             ``"mask"`` — per-pixel classes 0..C-1 (segmentation, e.g. on pseudo-labels).
     n_classes : classes of the tile table including background (from its manifest).
     """
 
@@ -67,8 +68,8 @@ class Task:
     n_classes: int = 5
 
     def __post_init__(self):
-        if not (self.target in ("labels", "label") or self.target.startswith("class:")):
-            raise ValueError(f"task target {self.target!r}: use 'class:<index>', 'labels' or 'label'")
+        if not (self.target in ("labels", "label", "mask") or self.target.startswith("class:")):
+            raise ValueError(f"task target {self.target!r}: use 'class:<index>', 'labels', 'label' or 'mask'")
         if self.target.startswith("class:"):
             c = int(self.target.split(":", 1)[1])
             if not 0 < c < self.n_classes:
@@ -82,12 +83,14 @@ class Task:
     def n_outputs(self) -> int:
         if self.multilabel:
             return self.n_classes - 1
+        if self.target == "mask":
+            return self.n_classes
         return 2  # binary presence or a binary label column
 
     def groups(self, batch: dict, tau: float) -> np.ndarray:
         """Groups (y, [r_tissue >= tau]) of a numpy batch (``labels``/``label`` and ``tissue_ratio``); binary targets only."""
-        if self.multilabel:
-            raise ValueError("tissue groups need a binary target ('class:<c>' or 'label'), not 'labels'")
+        if self.multilabel or self.target == "mask":
+            raise ValueError(f"tissue groups need a binary target ('class:<c>' or 'label'), not {self.target!r}")
         if self.target == "label":
             y = np.asarray(batch["label"])
         else:
@@ -100,6 +103,8 @@ class Task:
             return batch["labels"][:, 1:].float()
         if self.target == "label":
             return batch["label"].long()
+        if self.target == "mask":
+            return batch["mask"].long()
         c = int(self.target.split(":", 1)[1])
         return (batch["labels"][:, c] > 0).long()
 
@@ -145,6 +150,32 @@ def average_gradients(module: nn.Module) -> None:
         offset += g.numel()
 
 
+def to_device(batch: dict, device) -> dict:
+    """Tensors of a (nested) batch dict moved to ``device``."""
+    return {k: (v.to(device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v)
+            for k, v in batch.items()}
+
+
+def predict_split(method: "Method", batches) -> dict[str, np.ndarray]:
+    """``method.predict`` over ``batches``: targets, probs (N, outputs), groups (-1 where unset), and the
+    tiles' ``tissue_ratio``/``class_ratios`` when the batches carry them (for the shortcut analysis)."""
+    targets, probs, groups, extra = [], [], [], {"tissue_ratio": [], "class_ratios": []}
+    device = method.device
+    for b in batches:
+        b = to_device(b, device)
+        probs.append(method.predict(b).float().cpu().numpy())
+        targets.append(method.task.targets(b).cpu().numpy())
+        groups.append(b["group"].cpu().numpy() if "group" in b else np.full(len(probs[-1]), -1))
+        for k in extra:
+            if k in b:
+                extra[k].append(b[k].cpu().numpy())
+    if not probs:
+        return {}
+    out = {"targets": np.concatenate(targets), "probs": np.concatenate(probs), "groups": np.concatenate(groups)}
+    out.update({k: np.concatenate(v) for k, v in extra.items() if len(v) == len(probs)})
+    return out
+
+
 def register_method(name: str):
     """Class decorator: make a ``Method`` buildable by ``name``."""
 
@@ -180,6 +211,9 @@ class Method(nn.Module):
     #: the method needs groups (``TrainConfig.group_tau``) and a group-balanced stream: each batch then
     #: carries ``batch["balanced"]``, a second batch drawn with ``balanced_weights`` per group
     needs_balanced_stream: ClassVar[bool] = False
+    #: extra tile-table columns the method reads in training / in evaluation (e.g. pixel masks)
+    train_columns: ClassVar[tuple[str, ...]] = ()
+    eval_columns: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def supports(cls, task: Task) -> bool:
@@ -193,6 +227,7 @@ class Method(nn.Module):
     def __init__(self, hparams: Hparams, task: Task):
         super().__init__()
         self.hparams, self.task = hparams, task
+        self.class_names: list[str] | None = None  # the tile table's classes, when known (metric names)
         self._build()
         self.optimizer = self.configure_optimizer()
         self._scaler: torch.amp.GradScaler | None = None
@@ -240,6 +275,11 @@ class Method(nn.Module):
         self.eval()
         logits = self(batch["image"])
         return torch.sigmoid(logits) if self.task.multilabel else logits.softmax(1)
+
+    def evaluate_batches(self, batches, prefix: str) -> tuple[dict[str, float], dict]:
+        """Metrics over a whole split of batches, and what figures need (here: targets, probs, groups, ratios)."""
+        pred = predict_split(self, batches)
+        return (self.evaluate(pred["targets"], pred["probs"], pred["groups"], prefix=prefix) if pred else {}), pred
 
     def evaluate(self, targets: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None,
                  prefix: str = "val") -> dict[str, float]:

@@ -24,6 +24,10 @@ class ERM(Method):
     class Hparams(Hparams):
         dropout: float = 0.0
 
+    @classmethod
+    def supports(cls, task) -> bool:
+        return task.target != "mask"  # patch-level targets
+
     def _build(self) -> None:
         self.backbone = create_backbone(self.hparams.backbone, self.hparams.weights)
         self.weights_source = self.backbone.weights_source

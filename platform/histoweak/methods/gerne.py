@@ -76,7 +76,7 @@ class GERNE(ERM):
 
     @classmethod
     def supports(cls, task) -> bool:
-        return not task.multilabel  # binary: tumour present or not (eq. 3)
+        return task.target.startswith("class:") or task.target == "label"  # binary: tumour present or not (eq. 3)
 
     def balanced_weights(self, group_counts: dict[int, int]) -> dict[int, float]:
         total = sum(group_counts.values())

@@ -1,0 +1,372 @@
+"""PSCL: weakly-supervised segmentation from patch labels (thesis ch. 4).
+
+Stage 1 (``pscl``): a timm encoder (``features_only``), a 1×1 convolution with
+one output per class on its feature map, global average pooling, and the
+multi-label soft-margin loss on the patch labels (§4.3.1), plus
+λ · PSCL (``pscl_loss``: supervised contrastive loss over feature-map pixels
+labelled by CAM argmax where the largest CAM exceeds τ, eq. 4.6–4.8). CAMs
+(eq. 4.3) are ReLU(w_iᵀf) / max, optionally gated by the class score
+(eq. 4.4–4.5); the background seed (colour threshold + remove_small_objects)
+is an extra channel. ``pseudo_labels`` implements eq. 4.9. Model selection
+by the validation mIoU of the pseudo-labels against pixel ground truth.
+
+Stage 2 (``pscl-seg``): an FPN-style decoder over the encoder's multi-scale
+features (built from ``feature_info``), initialised from a stage-1
+checkpoint's encoder, trained on the pseudo-labels written by stage 1 with
+cross-entropy or the noise-reduced loss (eq. 4.10–4.11, confidences from the
+stage-1 CAMs).
+
+Defaults follow the thesis: Swin-T (give ImageNet weights as a local path),
+τ = 0.25, λ = 0.1, gating threshold 0.8. timm's Swin returns channels-last
+feature maps; they are permuted to channels-first here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histoweak import metrics as M
+from histoweak.methods.base import Hparams, Method, Task, register_method
+from histoweak.methods.pscl_loss import DEFAULT_TEMPERATURE, pscl_loss
+from histoweak.models.backbones import create_backbone
+from histoweak.slides.tissue import background_seed
+
+__all__ = ["PSCL", "PSCLSegmentation", "normalise_cams", "gate_cams", "pseudo_labels_from_cams", "SegmentationMetrics"]
+
+
+def normalise_cams(activations: torch.Tensor) -> torch.Tensor:
+    """CAM_i = ReLU(A_i) / max ReLU(A_i) per image and class (eq. 4.3); all-zero maps stay zero."""
+    a = F.relu(activations)
+    peak = a.flatten(2).amax(2)[..., None, None]
+    return a / peak.clamp_min(1e-8)
+
+
+def gate_cams(cams: torch.Tensor, scores: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
+    """Zero the CAMs of classes whose score does not exceed ``threshold`` (eq. 4.4–4.5).
+
+    cams : (N, K, h, w); scores : (N, K) class probabilities (sigmoid of the logits).
+    """
+    return cams * (scores > threshold).to(cams.dtype)[..., None, None]
+
+
+def pseudo_labels_from_cams(cams: torch.Tensor, present: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Eq. 4.9: [argmax(CAMs) + 1] · (1 − bkg), absent classes gated out by the patch labels.
+
+    cams : (N, K, H, W) at tile resolution (classes 1..K, no background channel)
+    present : (N, K) {0, 1} patch labels of those classes
+    background : (N, H, W) bool background seed
+    Returns (N, H, W) int64 class indices (0 = background).
+    """
+    gated = cams * present.to(cams.dtype)[..., None, None]
+    return (gated.argmax(1) + 1) * (~background).long()
+
+
+class SegmentationMetrics:
+    """Accumulates a pixel confusion matrix over batches; mIoU, fwIoU, per-class IoU."""
+
+    def __init__(self, n_classes: int):
+        self.cm = np.zeros((n_classes, n_classes), np.int64)
+
+    def update(self, truth: np.ndarray, pred: np.ndarray) -> None:
+        self.cm += M.confusion_matrix(truth, pred, len(self.cm))
+
+    def result(self, prefix: str, names: list[str] | None = None) -> dict[str, float]:
+        iou = M.iou_per_class(self.cm)
+        out = {f"{prefix}_miou": M.mean_iou(self.cm), f"{prefix}_fwiou": M.fw_iou(self.cm),
+               f"{prefix}_miou_fg": float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan"),
+               f"{prefix}_pixel_acc": float(np.trace(self.cm) / max(self.cm.sum(), 1))}
+        for c, v in enumerate(iou):
+            out[f"{prefix}_iou_{names[c] if names else c}"] = float(v)
+        return out
+
+
+class _Encoder(nn.Module):
+    """timm ``features_only`` encoder returning channels-first maps (Swin's channels-last ones are permuted)."""
+
+    def __init__(self, name: str, weights):
+        super().__init__()
+        self.body = create_backbone(name, weights, features_only=True)
+        self.weights_source = self.body.weights_source
+        self.channels = list(self.body.feature_info.channels())
+        self.reductions = list(self.body.feature_info.reduction())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for f, c in zip(self.body(x), self.channels):
+            if f.shape[1] != c and f.shape[-1] == c:
+                f = f.permute(0, 3, 1, 2)
+            out.append(f.contiguous())
+        return out
+
+
+def _images_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@register_method("pscl")
+class PSCL(Method):
+    @dataclass(frozen=True)
+    class Hparams(Hparams):
+        backbone: str = "swin_tiny_patch4_window7_224"
+        weights: str | None = None  # ImageNet Swin-T: give its state-dict path
+        lam: float = 0.1  # weight of the PSCL loss (0 = the CAM baseline)
+        tau: float = 0.25  # PSCL activation threshold on the largest CAM
+        temperature: float = DEFAULT_TEMPERATURE
+        background: bool = True  # the background seed is a PSCL class
+        bg_grey: float = 200.0  # background seed: grey level above this ...
+        bg_min_size: int = 200  # ... in regions of at least this many pixels (200 LUAD, 600 BCSS)
+        gate: bool = False  # gate CAMs by class score (eq. 4.4-4.5)
+        gate_threshold: float = 0.8
+        feature_level: int = -1  # which encoder feature map carries the CAMs (-1: the last)
+        max_pixels: int | None = 8192  # PSCL on a uniform sample of at most this many kept pixels
+
+        def __post_init__(self):
+            if self.lam < 0:
+                raise ValueError(f"method 'pscl': lam must be >= 0, got {self.lam}")
+            if not 0 <= self.tau < 1:
+                raise ValueError(f"method 'pscl': tau must be in [0, 1), got {self.tau}")
+
+    selection_metric = "val_miou"
+    eval_columns = ("mask", "slide_id", "x", "y")  # pixel ground truth; tile keys pick the figures' fixed tiles
+
+    @classmethod
+    def supports(cls, task: Task) -> bool:
+        return task.multilabel  # patch labels: presence of each class
+
+    def _build(self) -> None:
+        self.encoder = _Encoder(self.hparams.backbone, self.hparams.weights)
+        self.weights_source = self.encoder.weights_source
+        self.classifier = nn.Conv2d(self.encoder.channels[self.hparams.feature_level], self.task.n_outputs, 1)
+        self.criterion = nn.MultiLabelSoftMarginLoss()
+        self._pscl_generator = torch.Generator().manual_seed(0)
+
+    def _activations(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (N, K), activations A (N, K, h, w), features f (N, D, h, w))."""
+        f = self.encoder(images)[self.hparams.feature_level]
+        a = self.classifier(f)
+        return a.mean((2, 3)), a, f
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._activations(images)[0]
+
+    def background(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) bool background seed of images in [0, 1]."""
+        seed = background_seed(_images_uint8(images), self.hparams.bg_grey, self.hparams.bg_min_size)
+        return torch.from_numpy(seed).to(images.device)
+
+    def cams(self, logits: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Normalised (and, with ``gate``, gated) CAMs of classes 1..K at feature resolution."""
+        cams = normalise_cams(activations)
+        if self.hparams.gate:
+            cams = gate_cams(cams, torch.sigmoid(logits), self.hparams.gate_threshold)
+        return cams
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["image"]
+        logits, a, f = self._activations(images)
+        loss_cls = self.criterion(logits, self.task.targets(batch))
+        if self.hparams.lam == 0:
+            return loss_cls, {"loss_cls": float(loss_cls.detach())}
+        with torch.no_grad():  # pseudo-labels for the contrastive loss: no gradient through the CAMs
+            cams = self.cams(logits, a).float()
+            if self.hparams.background:
+                bg = self.background(images)[:, None].float()
+                bg = F.adaptive_avg_pool2d(bg, cams.shape[-2:]) > 0.5
+                cams = torch.cat([bg.to(cams.dtype), cams], 1)
+        loss_pscl = pscl_loss(f.float(), cams, tau=self.hparams.tau, temperature=self.hparams.temperature,
+                              max_pixels=self.hparams.max_pixels, generator=self._pscl_generator)
+        loss = loss_cls + self.hparams.lam * loss_pscl
+        return loss, {"loss_cls": float(loss_cls.detach()), "loss_pscl": float(loss_pscl.detach())}
+
+    @torch.no_grad()
+    def tile_cams(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class scores (N, K), CAMs (N, K, H, W) upsampled to the tile)."""
+        self.eval()
+        logits, a, _ = self._activations(images)
+        cams = F.interpolate(self.cams(logits, a).float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits), cams
+
+    @torch.no_grad()
+    def pseudo_labels(self, batch: dict) -> torch.Tensor:
+        """Eq. 4.9 for a batch with patch ``labels``: (N, H, W) int64, 0 = background."""
+        _, cams = self.tile_cams(batch["image"])
+        return pseudo_labels_from_cams(cams, self.task.targets(batch) > 0, self.background(batch["image"]))
+
+    def evaluate_batches(self, batches, prefix: str) -> tuple[dict[str, float], dict]:
+        """Pseudo-label mIoU/fwIoU/per-class IoU against the masks, and patch-label F1; samples for figures."""
+        seg = SegmentationMetrics(self.task.n_classes)
+        targets, probs = [], []
+        hist = np.zeros((self.task.n_outputs, 2, 20), np.int64)  # CAM values at each class's true pixels
+        samples: dict[str, list] = {"image": [], "mask": [], "pseudo": [], "cams": [], "key": []}
+        for b in batches:
+            b = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}
+            scores, cams = self.tile_cams(b["image"])
+            pseudo = pseudo_labels_from_cams(cams, self.task.targets(b) > 0, self.background(b["image"]))
+            targets.append(self.task.targets(b).cpu().numpy())
+            probs.append(scores.cpu().numpy())
+            if "mask" not in b:
+                continue
+            mask = b["mask"].cpu().numpy()
+            seg.update(mask, pseudo.cpu().numpy())
+            c = cams.cpu().numpy()
+            for k in range(self.task.n_outputs):
+                on = mask == k + 1
+                if on.any():
+                    hist[k, 0] += np.histogram(c[:, k][on], bins=20, range=(0, 1))[0]
+            _keep_samples(samples, b, pseudo, cams)
+        out = {}
+        if probs:
+            t, p = np.concatenate(targets).astype(int), (np.concatenate(probs) > 0.5).astype(int)
+            out.update({f"{prefix}_{k}": v for k, v in M.f1_scores(t, p).items()})
+        if seg.cm.sum():
+            out.update(seg.result(prefix, self.class_names))
+        return out, {"cam_hist": hist[:, 0], **{k: v for k, v in samples.items()}}
+
+
+def _keep_samples(samples: dict, b: dict, pseudo: torch.Tensor, cams: torch.Tensor, k: int = 6) -> None:
+    """A fixed set of tiles for figures, whatever the batch order: the ``k`` smallest keys (slide, x, y) seen."""
+    if "slide_id" not in b:
+        return
+    keys = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(b["slide_id"], b.get("x", [0] * len(pseudo)),
+                                                                   b.get("y", [0] * len(pseudo)))]
+    for i, key in enumerate(keys):
+        samples["key"].append(key)
+        samples["image"].append(_images_uint8(b["image"][i:i + 1])[0])
+        samples["mask"].append(b["mask"][i].cpu().numpy().astype(np.uint8))
+        samples["pseudo"].append(pseudo[i].cpu().numpy().astype(np.uint8))
+        samples["cams"].append((cams[i].cpu().numpy() * 255).astype(np.uint8))
+    order = np.argsort(samples["key"])[:k]
+    for name in samples:
+        samples[name] = [samples[name][j] for j in order]
+
+
+class _FPNDecoder(nn.Module):
+    """FPN over the encoder's maps (from ``feature_info``): lateral 1×1, top-down sum, 3×3, fused at the finest level."""
+
+    def __init__(self, channels: list[int], n_classes: int, width: int = 128):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU())
+                                    for _ in channels)
+        self.head = nn.Conv2d(width, n_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor], size) -> torch.Tensor:
+        x = None
+        outs = []
+        for f, lat, sm in zip(reversed(feats), reversed(self.lateral), reversed(self.smooth)):
+            y = lat(f)
+            x = y if x is None else y + F.interpolate(x, size=y.shape[-2:], mode="nearest")
+            outs.append(sm(x))
+        finest = outs[-1].shape[-2:]
+        fused = sum(F.interpolate(o, size=finest, mode="bilinear", align_corners=False) for o in outs)
+        return F.interpolate(self.head(fused), size=size, mode="bilinear", align_corners=False)
+
+
+def noise_reduced_loss(logits: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Eq. 4.11: BCE between one-hot pseudo-labels and Gumbel-softmax probabilities, weighted per class by the
+    CAM confidence c_n = CAM_n / Σ_i CAM_i (eq. 4.10); mean over pixels.
+
+    logits : (N, C, H, W); target : (N, H, W) int64; confidence : (N, C, H, W) summing to 1 over C (or 0).
+    """
+    p = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1).clamp(1e-6, 1 - 1e-6)
+    y = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    bce = -(y * p.log() + (1 - y) * (1 - p).log())
+    return (confidence * bce).sum(1).mean()
+
+
+@register_method("pscl-seg")
+class PSCLSegmentation(Method):
+    """Stage 2: a decoder trained on stage 1's pseudo-labels (the ``mask`` column of its pseudo-label table)."""
+
+    @dataclass(frozen=True)
+    class Hparams(Hparams):
+        backbone: str = "swin_tiny_patch4_window7_224"
+        weights: str | None = None
+        stage1: str | None = None  # a stage-1 (pscl) checkpoint directory: encoder init, NR-loss confidences
+        loss: str = "ce"  # "ce" or "nr" (noise-reduced, eq. 4.10-4.11)
+        decoder_width: int = 128
+
+        def __post_init__(self):
+            if self.loss not in ("ce", "nr"):
+                raise ValueError(f"method 'pscl-seg': loss must be 'ce' or 'nr', got {self.loss!r}")
+
+    selection_metric = "val_miou"
+    train_columns = ("mask",)  # the pseudo-labels
+
+    @classmethod
+    def supports(cls, task: Task) -> bool:
+        return task.target == "mask"
+
+    def _build(self) -> None:
+        self.teacher = None
+        if self.hparams.stage1:
+            teacher = load_stage1(self.hparams.stage1, self.task.n_classes)
+            self.hparams = type(self.hparams)(**{**self.hparams.__dict__, "backbone": teacher.hparams.backbone})
+        import warnings
+
+        with warnings.catch_warnings():
+            if self.hparams.stage1:
+                warnings.simplefilter("ignore")  # not random: the stage-1 encoder is loaded just below
+            self.encoder = _Encoder(self.hparams.backbone, None if self.hparams.stage1 else self.hparams.weights)
+        self.weights_source = self.encoder.weights_source
+        if self.hparams.stage1:
+            self.encoder.load_state_dict(teacher.encoder.state_dict())
+            self.weights_source = f"stage1:{self.hparams.stage1}"
+            if self.hparams.loss == "nr":
+                self.teacher = [teacher.eval()]  # a list: not a submodule (not trained, not saved)
+        elif self.hparams.loss == "nr":
+            raise ValueError("method 'pscl-seg': the noise-reduced loss needs a stage-1 checkpoint (hparams.stage1)")
+        self.decoder = _FPNDecoder(self.encoder.channels, self.task.n_classes, self.hparams.decoder_width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(images), images.shape[-2:])
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self(batch["image"])
+        target = batch["mask"].long()
+        if self.hparams.loss == "ce":
+            return F.cross_entropy(logits, target), {}
+        teacher = self.teacher[0].to(self.device)
+        _, cams = teacher.tile_cams(batch["image"])
+        bg = teacher.background(batch["image"])[:, None].to(cams.dtype)
+        full = torch.cat([bg, cams * (1 - bg)], 1)
+        confidence = full / full.sum(1, keepdim=True).clamp_min(1e-8)
+        return noise_reduced_loss(logits, target, confidence), {}
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        self.eval()
+        return self(batch["image"]).softmax(1)
+
+    def evaluate_batches(self, batches, prefix: str) -> tuple[dict[str, float], dict]:
+        seg = SegmentationMetrics(self.task.n_classes)
+        for b in batches:
+            if "mask" not in b:
+                continue
+            pred = self.predict({"image": b["image"].to(self.device)}).argmax(1)
+            seg.update(b["mask"].numpy(), pred.cpu().numpy())
+        return (seg.result(prefix, self.class_names) if seg.cm.sum() else {}), {}
+
+
+def load_stage1(checkpoint_dir: str, n_classes: int) -> PSCL:
+    """A trained stage-1 model from a checkpoint directory written by ``histoweak.train``."""
+    d = Path(checkpoint_dir)
+    if not (d / "state.pt").exists():
+        raise FileNotFoundError(f"{d}: not a histoweak checkpoint (no state.pt)")
+    saved = json.loads((d / "config.json").read_text())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the checkpoint carries the weights
+        model = PSCL(PSCL.Hparams(**{**saved["train"]["hparams"], "weights": None}),
+                     Task(saved["train"]["target"], n_classes))
+    state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval()
