@@ -8,16 +8,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_gerne_step  # noqa: E402
 import bench_pscl_loss  # noqa: E402
 import bench_streaming  # noqa: E402
 import bench_train  # noqa: E402
 import bench_tiling  # noqa: E402
+import gerne_vs_erm  # noqa: E402
+import pscl_vs_cam  # noqa: E402
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
     size = ["--size", "4096"] if quick else []
     pscl = bench_pscl_loss.main(["--batch", "2"] if quick else [])  # before Ray starts: it times CPU-bound subprocesses
+    gerne_step = bench_gerne_step.main(["--quick"] if quick else [])
     tiling = bench_tiling.main(size)
     import ray
 
@@ -25,12 +29,19 @@ def main() -> None:
     streaming = bench_streaming.main(size)
     ray.shutdown()
     train = bench_train.main(["--trials", "4"] if quick else [])
+    gerne = gerne_vs_erm.main(["--quick"])  # the full Table 1: python benchmarks/gerne_vs_erm.py
+    pscl_cam = pscl_vs_cam.main(["--quick"])  # the full comparison: python benchmarks/pscl_vs_cam.py
     print("\n== summary ==")
     print(f"tiling: histoweak / DeepZoom single process = {tiling['ratio']:.2f}x (goal >= 1.6x)")
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
           f"of ceiling = {streaming['vs_ceiling']:.0%} (goal >= 70%)")
     print(f"training: Ray Train / plain PyTorch steps/s = {train['train_ratio']:.2f}x (goal >= 0.9x)")
     print(f"sweep: wall time / sum of trial training time = {train['sweep_ratio']:.2f}x")
+    print(f"gerne step: fused / ERM on as many images = {gerne_step['fused_vs_erm']:.2f}x (goal <= 1.15x); "
+          f"naive two-backward / fused = {gerne_step['naive_vs_fused']:.2f}x")
+    print("gerne vs erm (short form): " + ", ".join(f"test WGA gain at tau={t:g}: {100 * g:+.1f} points"
+                                                    for t, g in gerne["wga_gain"].items()))
+    print(f"pscl vs cam (short form): pseudo-label test mIoU gain {pscl_cam['miou_gain']:+.1f} points (goal >= +3)")
     if pscl["max_rel_diff"] is None:
         print("pscl loss: no SupConLoss baseline (pytorch-metric-learning not installed)")
     else:

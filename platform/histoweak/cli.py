@@ -114,8 +114,8 @@ def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ValueError(f"--set {item!r}: use <section>.<name>=<value>, e.g. hparams.lr=1e-3")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: use <key>=<value>, e.g. hparams.lr=1e-3 or metric=val_miou_fg")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -242,6 +242,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from histoweak.methods.base import GROUP_NAMES
     from histoweak.report import group_counts
 
+    if args.checkpoint and not (Path(args.checkpoint) / "state.pt").is_file():
+        raise ValueError(f"{args.checkpoint}: not a histoweak checkpoint directory (no state.pt)")
     table, n_classes = resolve_data(args.data)
     counts = group_counts(table, args.target, n_classes, args.tau)
     _print_rows([{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}} for sp, c in counts.items()],
