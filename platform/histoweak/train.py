@@ -38,8 +38,8 @@ from histoweak.data.streaming import (BalancedSampler, add_column, apply_resourc
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import Task, check_hparams, predict_split, to_device
 
-__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "evaluate", "fit", "predict_split", "score_checkpoint",
-           "train_loop_per_worker"]
+__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "class_names_of", "evaluate", "fit", "predict_split",
+           "score_checkpoint", "train_loop_per_worker", "write_pseudo_labels"]
 
 TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio", "class_ratios")
 
