@@ -67,16 +67,14 @@ def group_counts(tile_table: str, target: str, n_classes: int, tau: float) -> di
     """Tiles per group (``tissue_groups`` at ``tau``) in each split, read from the table's metadata columns only."""
     import pyarrow.dataset as pads
 
+    from histoweak.data.streaming import decode_tiles
     from histoweak.methods.base import Task
 
     files = sorted(str(p) for p in Path(tile_table).rglob("*.parquet"))
     if not files:
         raise ValueError(f"{tile_table}: no Parquet files")
     t = pads.dataset(files, format="parquet").to_table(columns=["split", "labels", "label", "tissue_ratio"])
-    labels = t.column("labels").combine_chunks()
-    meta = {"labels": labels.flatten().to_numpy(zero_copy_only=False).reshape(len(labels), -1),
-            "label": t.column("label").fill_null(-1).to_numpy(), "tissue_ratio": t.column("tissue_ratio").to_numpy()}
-    groups = Task(target, n_classes).groups(meta, tau)
+    groups = Task(target, n_classes).groups(decode_tiles(t), tau)
     split = np.asarray(t.column("split").to_pylist())
     return {s: {int(g): int(((split == s) & (groups == g)).sum()) for g in range(4)}
             for s in ("train", "val", "test") if (split == s).any()}

@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa

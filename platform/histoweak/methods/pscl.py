@@ -203,7 +203,7 @@ class PSCL(Method):
         """Pseudo-label mIoU/fwIoU/per-class IoU against the masks, and patch-label F1; samples for figures."""
         seg = SegmentationMetrics(self.task.n_classes)
         targets, probs = [], []
-        hist = np.zeros((self.task.n_outputs, 2, 20), np.int64)  # CAM values at each class's true pixels
+        hist = np.zeros((self.task.n_outputs, 20), np.int64)  # CAM values at each class's true pixels
         samples: dict[str, list] = {"image": [], "mask": [], "pseudo": [], "cams": [], "key": []}
         for b in batches:
             b = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}
@@ -219,7 +219,7 @@ class PSCL(Method):
             for k in range(self.task.n_outputs):
                 on = mask == k + 1
                 if on.any():
-                    hist[k, 0] += np.histogram(c[:, k][on], bins=20, range=(0, 1))[0]
+                    hist[k] += np.histogram(c[:, k][on], bins=20, range=(0, 1))[0]
             _keep_samples(samples, b, pseudo, cams)
         out = {}
         if probs:
@@ -227,7 +227,7 @@ class PSCL(Method):
             out.update({f"{prefix}_{k}": v for k, v in M.f1_scores(t, p).items()})
         if seg.cm.sum():
             out.update(seg.result(prefix, self.class_names))
-        return out, {"cam_hist": hist[:, 0], **{k: v for k, v in samples.items()}}
+        return out, {"cam_hist": hist, **samples}
 
 
 def _keep_samples(samples: dict, b: dict, pseudo: torch.Tensor, cams: torch.Tensor, k: int = 6) -> None:
