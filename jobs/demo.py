@@ -10,7 +10,8 @@ from histoweak.demo import run_data_plane_demo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default=".cache/demo")
+    ap.add_argument("--workdir", default=".cache/demo",
+                    help="where the synthetic slides and the tile table go (default: %(default)s)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny slides, one batch")
     args = ap.parse_args()
     if args.smoke_test:

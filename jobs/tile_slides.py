@@ -22,6 +22,8 @@ def main() -> int:
         sys.argv = [sys.argv[0], str(csv_path), f"{tmp}/tiles", "--tile-size", "128"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tiling_arguments(parser)
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="tile a tiny synthetic dataset instead (SLIDES, OUT and the other options are ignored)")
     try:
         return run_tiling(parser.parse_args())
     except ValueError as exc:

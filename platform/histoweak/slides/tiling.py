@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Collection, Iterator, Literal, get_args
 
 import imagecodecs
 import numpy as np
@@ -23,6 +23,7 @@ from histoweak.slides.reader import MaskReader, SlideError, SlideReader
 from histoweak.slides.tissue import DETECTORS, tissue_mask
 
 __all__ = [
+    "PARAM_CHOICES",
     "SlidePlan",
     "SlideSpec",
     "TilingParams",
@@ -38,6 +39,18 @@ __all__ = [
 ]
 
 
+Mode = Literal["grid", "centered"]
+TissueSource = Literal["auto", "mask", "detector"]
+ImageFormat = Literal["png", "jpeg"]
+# The TilingParams fields that take one of a fixed set of values: the validator and the CLI's choices read this.
+PARAM_CHOICES: dict[str, Collection[str]] = {
+    "mode": get_args(Mode),
+    "tissue_method": tuple(DETECTORS),
+    "tissue_source": get_args(TissueSource),
+    "image_format": get_args(ImageFormat),
+}
+
+
 @dataclass(frozen=True)
 class TilingParams:
     """How slides become tiles. Every field is validated on construction.
@@ -46,7 +59,7 @@ class TilingParams:
     ----------
     level : pyramid level to tile at (0 = full resolution).
     tile_size : tile side in pixels of ``level``.
-    stride : step between tiles in pixels of ``level``; ``tile_size`` when None.
+    stride : step between tiles in pixels of ``level``; None: ``tile_size`` (no overlap).
     min_tissue : smallest tissue fraction a tile may hold.
     mode : ``grid`` (sliding window) or ``centered`` (Ciga & Martel B.2: around
         labelled connected components, large ones split by k-means).
@@ -55,23 +68,23 @@ class TilingParams:
     tissue_min_size : ``remove_small_objects`` size, pixels of the detection level.
     tissue_downsample : approximate downsample at which tissue is detected.
     image_format : ``png`` (lossless) or ``jpeg``.
-    png_level : zlib level for PNG (1 is ~6x faster to write than 6, ~15 % larger).
-    jpeg_quality : JPEG quality.
+    png_level : zlib level for PNG, 0..9 (1 is ~6x faster to write than 6, ~15 % larger).
+    jpeg_quality : JPEG quality, 1..100.
     tiles_per_shard : tiles per Parquet file; a slide with more is split (and
         its shards tile in parallel).
-    seed : for k-means in centered mode.
+    seed : random seed of k-means in centered mode.
     """
 
     level: int = 0
     tile_size: int = 224
     stride: int | None = None
     min_tissue: float = 0.5
-    mode: Literal["grid", "centered"] = "grid"
+    mode: Mode = "grid"
     tissue_method: str = "saturation"
-    tissue_source: Literal["auto", "mask", "detector"] = "auto"
+    tissue_source: TissueSource = "auto"
     tissue_min_size: int = 64
     tissue_downsample: float = 16.0
-    image_format: Literal["png", "jpeg"] = "png"
+    image_format: ImageFormat = "png"
     png_level: int = 1
     jpeg_quality: int = 90
     tiles_per_shard: int = 512
@@ -89,14 +102,9 @@ class TilingParams:
             bad("stride", f"must be >= 1, got {self.stride}")
         if not 0.0 <= self.min_tissue <= 1.0:
             bad("min_tissue", f"must be in [0, 1], got {self.min_tissue}")
-        if self.mode not in ("grid", "centered"):
-            bad("mode", f"must be 'grid' or 'centered', got {self.mode!r}")
-        if self.tissue_method not in DETECTORS:
-            bad("tissue_method", f"unknown {self.tissue_method!r}; valid: {sorted(DETECTORS)}")
-        if self.tissue_source not in ("auto", "mask", "detector"):
-            bad("tissue_source", f"must be auto, mask or detector, got {self.tissue_source!r}")
-        if self.image_format not in ("png", "jpeg"):
-            bad("image_format", f"must be 'png' or 'jpeg', got {self.image_format!r}")
+        for key, valid in PARAM_CHOICES.items():
+            if getattr(self, key) not in valid:
+                bad(key, f"unknown {getattr(self, key)!r}; valid: {list(valid)}")
         if not 0 <= self.png_level <= 9:
             bad("png_level", f"must be in 0..9, got {self.png_level}")
         if not 1 <= self.jpeg_quality <= 100:
