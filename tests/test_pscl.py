@@ -123,3 +123,67 @@ def test_noise_reduced_loss_weights_by_confidence():
     loss = noise_reduced_loss(logits, target, conf)
     loss.backward()
     assert loss.item() > 0 and logits.grad.abs().sum() > 0
+
+
+def _keyed_batches(n_batches=4, n=3, size=32):
+    """Batches of tiles with keys (slide, x, y), 8-bit images, masks and patch labels; tiles and keys all distinct."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for i in range(n_batches):
+        images = torch.randint(0, 256, (n, 3, size, size), generator=g).float() / 255
+        images[:, :, :8, :] = 247 / 255  # a white band: the background seed
+        labels = torch.zeros(n, 5, dtype=torch.uint8)
+        labels[:, 1] = 1
+        labels[::2, 2] = 1
+        out.append({"image": images, "mask": torch.randint(0, 5, (n, size, size), generator=g), "labels": labels,
+                    "slide_id": [f"slide{(i * n + j) % 3}" for j in range(n)],
+                    "x": torch.tensor([1000 * (3 - i) + j for j in range(n)]), "y": torch.tensor([7] * n)})
+    return out
+
+
+def _stage1_and_stage2(tmp_path):
+    from histoweak.checkpoint import save_checkpoint
+
+    hp = {"backbone": "resnet18", "lam": 0.1, "max_pixels": None, "bg_min_size": 4}
+    stage1 = _pscl(0.1)  # the same hyperparameters as hp
+    save_checkpoint(tmp_path / "stage1", stage1.state_dict(), stage1.optimizer.state_dict(), 0, None,
+                    {"train": {"method": "pscl", "target": "labels", "hparams": hp}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stage2 = build_method("pscl-seg", {"stage1": str(tmp_path / "stage1"), "decoder_width": 16}, Task("mask", 5))
+    return stage1.eval(), stage2
+
+
+def test_both_stages_picture_the_same_fixed_tiles_whatever_the_batch_order(tmp_path):
+    from histoweak.methods.pscl import FIGURE_TILES
+
+    stage1, stage2 = _stage1_and_stage2(tmp_path)
+    batches = _keyed_batches()
+    truth = {f"{s}:{int(x):09d}:{int(y):09d}": m
+             for b in batches for s, x, y, m in zip(b["slide_id"], b["x"], b["y"], b["mask"])}
+    smallest = sorted(truth)[:FIGURE_TILES]
+    for order in (batches, batches[1::2] + batches[::2]):
+        _, s1 = stage1.evaluate_batches(order, "test")
+        _, s2 = stage2.evaluate_batches(order, "test")
+        assert s1["key"] == smallest and s2["key"] == smallest
+        for key, mask in zip(s2["key"], s2["mask"]):
+            assert (mask == truth[key].numpy()).all()  # each field follows its tile
+        assert [p.shape for p in s2["pred"]] == [(32, 32)] * FIGURE_TILES
+    # stage 2 shows stage 1's pseudo-labels of those tiles (eq. 4.9), computed with the stage-1 checkpoint
+    for p1, p2 in zip(s1["pseudo"], s2["pseudo"]):
+        assert (p1 == p2).all()
+
+
+def test_stage2_figure_has_a_row_per_tile_and_four_columns(tmp_path):
+    from histoweak.figures import stage2_prediction_figure
+
+    _, stage2 = _stage1_and_stage2(tmp_path)
+    _, samples = stage2.evaluate_batches(_keyed_batches(), "test")
+    names = ["background", "tumour", "stroma", "necrosis", "lymphocytes"]
+    fig = stage2_prediction_figure(samples, names, "test tiles")
+    assert len(fig.axes) == 6 * 4
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "ground truth", "stage-1 pseudo-label",
+                                                       "stage-2 prediction"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == names
+    no_stage1 = stage2_prediction_figure({k: v for k, v in samples.items() if k != "pseudo"}, names)
+    assert len(no_stage1.axes) == 6 * 3

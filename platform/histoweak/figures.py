@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["cam_histogram_figure", "cam_overlay_figure", "confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
-           "shortcut_figure"]
+           "shortcut_figure", "stage2_prediction_figure"]
 
 
 def confusion_matrix_figure(cm: np.ndarray, labels: list[str]):
@@ -153,6 +153,38 @@ def cam_overlay_figure(samples: dict, class_names: list[str], title: str = ""):
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def stage2_prediction_figure(samples: dict, class_names: list[str], title: str = ""):
+    """Fixed tiles, one row each: image | ground truth | stage-1 pseudo-label | stage-2 prediction (PSCL stage 2).
+
+    samples : ``image`` (N of (H, W, 3) uint8), ``mask``, ``pseudo`` and ``pred`` (N of (H, W) class indices),
+        as from ``PSCLSegmentation.evaluate_batches``; without ``pseudo`` (no stage-1 model) that column is left out.
+    Classes in ``cam_overlay_figure``'s colours, with a legend of ``class_names``.
+    """
+    columns = [(k, name) for k, name in (("image", "image"), ("mask", "ground truth"),
+                                         ("pseudo", "stage-1 pseudo-label"), ("pred", "stage-2 prediction"))
+               if k in samples]
+    n, colours = len(samples["image"]), _class_colours(len(class_names))
+    legend_rows = -(-len(class_names) // 5)
+    height = 1.8 * n + 0.3 * legend_rows + (0.4 if title else 0.1)
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), height), squeeze=False)
+    for i in range(n):
+        for j, (key, name) in enumerate(columns):
+            axes[i, j].imshow(samples[key][i] if key == "image" else colours[samples[key][i]])
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=colours[c] / 255, edgecolor="0.4", label=name) for c, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(class_names), 5), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.3 * legend_rows / height, 1, 1))
     return fig
 
 

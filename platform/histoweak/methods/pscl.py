@@ -23,9 +23,7 @@ feature maps; they are permuted to channels-first here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,12 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoweak import metrics as M
+from histoweak.checkpoint import load_checkpoint
 from histoweak.methods.base import Hparams, Method, Task, register_method
 from histoweak.methods.pscl_loss import DEFAULT_TEMPERATURE, pscl_loss
 from histoweak.models.backbones import create_backbone
 from histoweak.slides.tissue import background_seed
 
-__all__ = ["PSCL", "PSCLSegmentation", "normalise_cams", "gate_cams", "pseudo_labels_from_cams", "SegmentationMetrics"]
+__all__ = ["FIGURE_TILES", "PSCL", "PSCLSegmentation", "SegmentationMetrics", "gate_cams", "keep_fixed_tiles",
+           "normalise_cams", "pseudo_labels_from_cams"]
 
 
 def normalise_cams(activations: torch.Tensor) -> torch.Tensor:
@@ -134,6 +134,7 @@ class PSCL(Method):
                 raise ValueError(f"method 'pscl': tau must be in [0, 1), got {self.tau}")
 
     selection_metric = "val_miou"
+    headline_metrics = ("test_miou", "test_fwiou")
     eval_columns = ("mask", "slide_id", "x", "y")  # pixel ground truth; tile keys pick the figures' fixed tiles
 
     @classmethod
@@ -220,7 +221,9 @@ class PSCL(Method):
                 on = mask == k + 1
                 if on.any():
                     hist[k] += np.histogram(c[:, k][on], bins=20, range=(0, 1))[0]
-            _keep_samples(samples, b, pseudo, cams)
+            keep_fixed_tiles(samples, b, {"image": _images_uint8(b["image"]), "mask": mask.astype(np.uint8),
+                                          "pseudo": pseudo.cpu().numpy().astype(np.uint8),
+                                          "cams": (c * 255).astype(np.uint8)})
         out = {}
         if probs:
             t, p = np.concatenate(targets).astype(int), (np.concatenate(probs) > 0.5).astype(int)
@@ -230,19 +233,25 @@ class PSCL(Method):
         return out, {"cam_hist": hist, **samples}
 
 
-def _keep_samples(samples: dict, b: dict, pseudo: torch.Tensor, cams: torch.Tensor, k: int = 6) -> None:
-    """A fixed set of tiles for figures, whatever the batch order: the ``k`` smallest keys (slide, x, y) seen."""
+#: tiles in the figures of both stages: the same tiles, so stage 2's pictures line up with stage 1's
+FIGURE_TILES = 6
+
+
+def keep_fixed_tiles(samples: dict[str, list], b: dict, tiles: dict[str, np.ndarray], k: int = FIGURE_TILES) -> None:
+    """Keep in ``samples`` the ``k`` tiles with the smallest keys (slide, x, y) seen so far, batch ``b`` included.
+
+    A fixed set of tiles for figures, whatever the batch order. ``tiles`` : per-tile values of ``b``, one
+    row per tile (e.g. ``{"image": (N, H, W, 3) uint8, "mask": (N, H, W) uint8}``); ``samples`` holds a
+    list per name, and the keys (``"<slide>:<x>:<y>"``) under ``key``. A batch without ``slide_id`` is skipped.
+    """
     if "slide_id" not in b:
         return
-    keys = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(b["slide_id"], b.get("x", [0] * len(pseudo)),
-                                                                   b.get("y", [0] * len(pseudo)))]
-    for i, key in enumerate(keys):
-        samples["key"].append(key)
-        samples["image"].append(_images_uint8(b["image"][i:i + 1])[0])
-        samples["mask"].append(b["mask"][i].cpu().numpy().astype(np.uint8))
-        samples["pseudo"].append(pseudo[i].cpu().numpy().astype(np.uint8))
-        samples["cams"].append((cams[i].cpu().numpy() * 255).astype(np.uint8))
-    order = np.argsort(samples["key"])[:k]
+    n = len(b["slide_id"])
+    xs, ys = b.get("x", [0] * n), b.get("y", [0] * n)
+    samples.setdefault("key", []).extend(f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(b["slide_id"], xs, ys))
+    for name, values in tiles.items():
+        samples.setdefault(name, []).extend(values[i] for i in range(n))
+    order = np.argsort(samples["key"], kind="stable")[:k]
     for name in samples:
         samples[name] = [samples[name][j] for j in order]
 
@@ -289,7 +298,7 @@ class PSCLSegmentation(Method):
     class Hparams(Hparams):
         backbone: str = "swin_tiny_patch4_window7_224"
         weights: str | None = None
-        stage1: str | None = None  # a stage-1 (pscl) checkpoint directory: encoder init, NR-loss confidences
+        stage1: str | None = None  # a stage-1 (pscl) checkpoint: encoder init, NR-loss confidences, figures
         loss: str = "ce"  # "ce" or "nr" (noise-reduced, eq. 4.10-4.11)
         decoder_width: int = 128
 
@@ -298,7 +307,9 @@ class PSCLSegmentation(Method):
                 raise ValueError(f"method 'pscl-seg': loss must be 'ce' or 'nr', got {self.loss!r}")
 
     selection_metric = "val_miou"
+    headline_metrics = ("test_miou", "test_fwiou")
     train_columns = ("mask",)  # the pseudo-labels
+    eval_columns = ("slide_id", "x", "y")  # tile keys pick the figures' fixed tiles (stage 1's)
 
     @classmethod
     def supports(cls, task: Task) -> bool:
@@ -319,8 +330,7 @@ class PSCLSegmentation(Method):
         if self.hparams.stage1:
             self.encoder.load_state_dict(teacher.encoder.state_dict())
             self.weights_source = f"stage1:{self.hparams.stage1}"
-            if self.hparams.loss == "nr":
-                self.teacher = [teacher.eval()]  # a list: not a submodule (not trained, not saved)
+            self.teacher = [teacher.eval()]  # a list: not a submodule (not trained, not saved)
         elif self.hparams.loss == "nr":
             raise ValueError("method 'pscl-seg': the noise-reduced loss needs a stage-1 checkpoint (hparams.stage1)")
         self.decoder = _FPNDecoder(self.encoder.channels, self.task.n_classes, self.hparams.decoder_width)
@@ -346,27 +356,47 @@ class PSCLSegmentation(Method):
         return self(batch["image"]).softmax(1)
 
     def evaluate_batches(self, batches, prefix: str) -> tuple[dict[str, float], dict]:
+        """mIoU/fwIoU/per-class IoU against the masks; for figures, stage 1's fixed tiles (``keep_fixed_tiles``):
+        ``image``, ``mask`` (ground truth), ``pred`` (this model) and, with ``hparams.stage1``, ``pseudo``
+        (the stage-1 pseudo-label, eq. 4.9, from the tiles' patch ``labels``)."""
         seg = SegmentationMetrics(self.task.n_classes)
+        samples: dict[str, list] = {"key": [], "image": [], "mask": [], "pred": [], "labels": []}
         for b in batches:
             if "mask" not in b:
                 continue
-            pred = self.predict({"image": b["image"].to(self.device)}).argmax(1)
-            seg.update(b["mask"].numpy(), pred.cpu().numpy())
-        return (seg.result(prefix, self.class_names) if seg.cm.sum() else {}), {}
+            pred = self.predict({"image": b["image"].to(self.device)}).argmax(1).cpu().numpy()
+            mask = b["mask"].cpu().numpy()
+            seg.update(mask, pred)
+            keep_fixed_tiles(samples, b, {"image": _images_uint8(b["image"]), "mask": mask.astype(np.uint8),
+                                          "pred": pred.astype(np.uint8), "labels": b["labels"].cpu().numpy()})
+        if self.teacher and samples["image"]:
+            samples["pseudo"] = list(self._stage1_pseudo_labels(np.stack(samples["image"]),
+                                                                np.stack(samples["labels"])))
+        return (seg.result(prefix, self.class_names) if seg.cm.sum() else {}), samples
+
+    def _stage1_pseudo_labels(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(N, H, W) uint8 stage-1 pseudo-labels (``PSCL.pseudo_labels``) of (N, H, W, 3) uint8 tiles with patch labels.
+
+        Tiles are 8-bit, so ``/ 255`` gives back exactly the images stage 1 saw when writing its pseudo-labels.
+        """
+        teacher = self.teacher[0].to(self.device)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(self.device)
+        pseudo = teacher.pseudo_labels({"image": x, "labels": torch.from_numpy(labels).to(self.device)})
+        return pseudo.cpu().numpy().astype(np.uint8)
 
 
 def load_stage1(checkpoint_dir: str, n_classes: int) -> PSCL:
-    """A trained stage-1 model from a checkpoint directory written by ``histoweak.train``."""
-    d = Path(checkpoint_dir)
-    if not (d / "state.pt").exists():
-        raise FileNotFoundError(f"{d}: not a histoweak checkpoint (no state.pt)")
-    saved = json.loads((d / "config.json").read_text())
+    """A trained stage-1 model from a checkpoint directory written by ``histoweak.train``.
+
+    Raises ``ValueError`` naming the file when the directory is not a safe histoweak checkpoint
+    (``histoweak.checkpoint.load_checkpoint``).
+    """
+    state, saved = load_checkpoint(checkpoint_dir)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the checkpoint carries the weights
         model = PSCL(PSCL.Hparams(**{**saved["train"]["hparams"], "weights": None}),
                      Task(saved["train"]["target"], n_classes))
-    state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return model.eval()
