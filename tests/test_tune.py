@@ -78,7 +78,7 @@ def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_pa
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3
-    assert {c.info.run_name for c in children} == {r["trial"].split("_hparams")[0].rsplit("_", 1)[0] for r in rows}
+    assert {c.info.run_name for c in children} == {r["trial"] for r in rows}
     for c in children:
         assert c.info.status == "FINISHED"
         assert "swept.hparams.lr" in c.data.params and "swept.hparams.weight_decay" in c.data.params
@@ -139,8 +139,29 @@ def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path
 
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming the sweep" in again.stdout
+    assert "resuming sweep" in again.stdout
+    # the console shows the work, not Ray's internals; the leaderboard fits 100 columns
+    console = again.stdout + again.stderr
+    for internal in ("Execution plan of Dataset", "Reporting training result", "Trial status:", "Started a local Ray"):
+        assert internal not in console, internal
+    board = again.stdout[again.stdout.index("best first by"):].splitlines()[1:5]
+    assert board[0].split()[:2] == ["#", "trial"] and len(board) == 4
+    assert max(map(len, board)) <= 100
     parents, done = finished_children(client)
     assert len(parents) == 1  # the resumed sweep logs into its original run
     assert len(done) == 3
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+
+
+def test_verbose_brings_rays_logs_back(tile_table, tmp_path):
+    """`histoweak train --verbose`: Ray Data's execution plans and Ray Train's reports reach the console."""
+    from histoweak._ray import CONSOLE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in CONSOLE_ENV}  # as in a fresh shell
+    proc = subprocess.run([sys.executable, "-m", "histoweak.cli", "train", "--smoke-test", "--verbose",
+                           "--data", str(tile_table)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert "Execution plan of Dataset" in console and "Reporting training result" in console
+    assert "best erm checkpoint" in proc.stdout

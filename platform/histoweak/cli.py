@@ -1,4 +1,4 @@
-"""The ``histoweak`` command: ``synth``, ``tile``, ``train``, ``tune``, ``report``."""
+"""The ``histoweak`` command: ``synth``, ``tile``, ``import``, ``train``, ``tune``, ``report``, ``analyze``."""
 
 from __future__ import annotations
 
@@ -22,27 +22,53 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``histoweak tile`` and ``jobs/tile_slides.py``."""
-    from histoweak.slides.tiling import TilingParams
+    """Arguments shared by ``histoweak tile`` and ``jobs/tile_slides.py``.
+
+    One option per ``TilingParams`` field: its help is the field's entry in the class docstring, its
+    choices (if any) ``PARAM_CHOICES``, the set the field's validator checks.
+    """
+    from histoweak.slides.tiling import PARAM_CHOICES, TilingParams
 
     p.add_argument("slides", help="directory, glob pattern, or CSV (slide_id,path[,mask_path,label,split])")
     p.add_argument("out", help="output directory of the tile table")
     p.add_argument("--masks", help="directory of class-index masks named <slide stem>.tiff or .png")
     p.add_argument("--classes", help="classes.json mapping index -> name (0 = background)")
     p.add_argument("--source", default=None, help="dataset name stored in each row (default: output dir name)")
-    p.add_argument("--split", default="train", help="split for slides not given one by a CSV")
+    p.add_argument("--split", default="train", help="split for slides not given one by a CSV (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    defaults = TilingParams()
+    defaults, docs = TilingParams(), _attribute_docs(TilingParams)
     for f in fields(TilingParams):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kind = {int: int, float: float}.get(type(default), str)
         if f.name == "stride":
             kind = int
-        p.add_argument(flag, dest=f.name, type=kind, default=default, help=f"(default: {default})")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--stage2", action="store_true",
-                   help="then train the search space's stage-2 decoder on the best trial's pseudo-labels (PSCL)")
+        help_ = docs.get(f.name, "") + (" (default: %(default)s)" if default is not None else "")
+        p.add_argument(flag, dest=f.name, type=kind, default=default, choices=PARAM_CHOICES.get(f.name), help=help_)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{name: text}`` from the numpydoc ``Attributes`` section of ``cls``'s docstring, one line each.
+
+    Written for argparse help: inline-literal marks dropped, ``%`` escaped.
+    """
+    import inspect
+    import re
+
+    section = (inspect.getdoc(cls) or "").partition("Attributes\n----------\n")[2]
+    docs: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        m = re.match(r"(\w+) : (.*)", line)
+        if m:
+            name = m.group(1)
+            docs[name] = m.group(2)
+        elif name and line.startswith(" "):
+            docs[name] += " " + line.strip()
+        elif line.strip():
+            break  # the next section
+    return {k: v.replace("``", "").replace("%", "%%").rstrip(".") for k, v in docs.items()}
 
 
 def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = None) -> None:
@@ -56,10 +82,15 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="fix a setting, e.g. --set hparams.backbone=resnet50 --set train.epochs=10 (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="repeat every configuration with seeds 0..N-1")
-    p.add_argument("--storage", default=".cache/ray_results", help="Ray Tune/Train results (shared storage on a cluster)")
-    p.add_argument("--address", default=None)
+    p.add_argument("--storage", default=".cache/ray_results",
+                   help="Ray Tune/Train results, one directory per sweep identity (shared storage on a cluster)")
+    p.add_argument("--restart", action="store_true",
+                   help="start this sweep afresh, discarding its earlier Ray results (default: resume it when the "
+                        "search space, data and code are the same)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--smoke-test", action="store_true", help="apply the file's `smoke:` overrides, tiny data")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Tune's status tables")
     p.add_argument("--stage2", action="store_true",
                    help="then train the search space's stage-2 decoder on the best trial's pseudo-labels (PSCL)")
 
@@ -131,6 +162,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from histoweak._ray import configure_console
+
+    configure_console(args.verbose)  # before Ray and MLflow are imported
+
     from histoweak._ray import init_ray
     from histoweak.train import TrainConfig, fit
 
@@ -152,7 +187,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from histoweak._ray import configure_console
+
+    configure_console(args.verbose)  # before Ray and MLflow are imported
+    from histoweak import tracking
     from histoweak._ray import init_ray
+    from histoweak.methods import METHODS
+    from histoweak.report import format_leaderboard
     from histoweak.tune import load_search_space, run_sweep
 
     space = load_search_space(args.search_space)  # fails on a bad key before any work
@@ -165,14 +206,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     init_ray(args.address)
     table, n_classes = resolve_data(args.data or space.data, args.smoke_test)
     rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
-                     stage2=getattr(args, "stage2", False))
-    _print_rows(rows, f"sweep {space.name}: {len(rows)} trials, best first")
-    from histoweak import tracking
-
+                     stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose)
+    print(f"\nsweep {space.name}: {len(rows)} trials with results, best first by best_{space.metric}")
+    if rows:
+        print(format_leaderboard(rows, f"best_{space.metric}", [f"swept.{k}" for k in space.params],
+                                 METHODS[space.method].headline_metrics))
     uri = tracking.tracking_uri()
-    print(f"\nMLflow: {uri} (experiment {space.name!r})")
+    print(f"full table: histoweak report --experiment {space.name}")
+    print(f"MLflow: {uri} (experiment {space.name!r})")
     if uri.startswith("sqlite:///"):
         print(f"  browse it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"  the sweep and its trials: {tracking.runs_page_url(space.name, uri)}")
     return 0
 
 
@@ -236,14 +280,16 @@ def _report_table1(experiments: list[str]) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Tiles per group and split at ``--tau``; with ``--checkpoint``, GERNE's Fig. 1 for that model on test."""
+    if args.checkpoint:  # refuse a bad or unsafe checkpoint before any data, Ray or MLflow work
+        from histoweak.checkpoint import load_checkpoint
+
+        load_checkpoint(args.checkpoint)
     import matplotlib.pyplot as plt
 
     from histoweak import figures, tracking
     from histoweak.methods.base import GROUP_NAMES
     from histoweak.report import group_counts
 
-    if args.checkpoint and not (Path(args.checkpoint) / "state.pt").is_file():
-        raise ValueError(f"{args.checkpoint}: not a histoweak checkpoint directory (no state.pt)")
     table, n_classes = resolve_data(args.data)
     counts = group_counts(table, args.target, n_classes, args.tau)
     _print_rows([{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}} for sp, c in counts.items()],
@@ -288,18 +334,21 @@ def _num(v: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from histoweak.data.sources import SOURCES
     from histoweak.data.synthetic import PRESETS
 
     parser = argparse.ArgumentParser(prog="histoweak", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic H&E-like slides with pixel ground truth")
-    p.add_argument("out")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-slides", type=int)
-    p.add_argument("--size", type=int, help="level-0 side in pixels")
-    p.add_argument("--shortcut", type=float, help="strength of the tissue-amount/tumour correlation, 0-1")
+    p.add_argument("out", help="output directory (slides, masks, classes.json, slides.csv)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="dataset recipe (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same slides (default: 0)")
+    p.add_argument("--n-slides", type=int, help="number of slides (default: the preset's)")
+    p.add_argument("--size", type=int, help="level-0 side in pixels (default: the preset's)")
+    p.add_argument("--shortcut", type=float,
+                   help="strength of the tissue-amount/tumour correlation, 0-1 (default: the preset's)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("tile", help="tile slides (and masks) into a Parquet tile table with Ray")
@@ -307,17 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_tiling)
 
     p = sub.add_parser("import", help="turn a public patch dataset (LUAD-HistoSeg, BCSS-WSSS) into a tile table")
-    p.add_argument("source", choices=["luad-histoseg", "bcss-wsss"])
+    p.add_argument("source", choices=sorted(SOURCES), help="which dataset layout to read")
     p.add_argument("root", help="the dataset's folder (train/ or training/, val/, test/)")
     p.add_argument("out", help="the tile table to write (must not exist or be empty)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("train", help="train one method with Ray Train")
-    p.add_argument("--method", default=None, help="registered method (default: erm)")
-    p.add_argument("--data", default=None, help="tile table (default: the embedded synthetic dataset)")
+    # No choices=: the registry fills in when histoweak.methods (torch, timm) is imported, too slow for every
+    # command's parser; an unknown name fails before any work with the valid names.
+    p.add_argument("--method", default=None,
+                   help="registered method name; an unknown one fails listing them (default: the config's, else erm)")
+    p.add_argument("--data", default=None,
+                   help="tile table, or synthetic:<preset> (default: the embedded synthetic dataset)")
     p.add_argument("--config", default=None, help="YAML of TrainConfig fields (epochs, batch_size, hparams, ...)")
-    p.add_argument("--address", default=None)
-    p.add_argument("--smoke-test", action="store_true")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="one epoch of two batches of 8 (on small data when synthetic)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs (Ray Data, Ray Train)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="run a Ray Tune sweep from a search-space YAML, recorded in MLflow")
@@ -333,12 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("analyze", help="tiles per group (y, tissue >= tau) per split; GERNE's Fig. 1 for a checkpoint")
-    p.add_argument("--data", default="synthetic:gerne", help="tile table or synthetic:<preset>")
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--target", default="class:1")
-    p.add_argument("--checkpoint", default=None, help="a training checkpoint directory (from a sweep's trials)")
-    p.add_argument("--out", default="analysis", help="directory for the PNGs")
-    p.add_argument("--address", default=None)
+    p.add_argument("--data", default="synthetic:gerne", help="tile table or synthetic:<preset> (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=0.1,
+                   help="tissue-ratio threshold that splits each class into groups (default: %(default)s)")
+    p.add_argument("--target", default="class:1",
+                   help="binary target class:<c>, is class c in the tile (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a training checkpoint directory (from a sweep's trials); refused unless it holds only "
+                        "tensors and plain values")
+    p.add_argument("--out", default="analysis", help="directory for the PNGs (default: %(default)s)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_analyze)
     return parser
 

@@ -13,7 +13,8 @@ import numpy as np
 from histoweak import metrics as M
 from histoweak.methods.base import tissue_groups
 
-__all__ = ["TABLE1_ROWS", "format_table1", "group_counts", "metrics_at_tau", "table1_cells"]
+__all__ = ["TABLE1_ROWS", "format_leaderboard", "format_table1", "group_counts", "metrics_at_tau", "table1_cells",
+           "write_csv"]
 
 #: (row label, method, selection metric) in the paper's order
 TABLE1_ROWS = (("ERM", "erm", "val_bca"), ("ERM", "erm", "val_wga"), ("GERNE", "gerne", "val_wga"))
@@ -117,3 +118,50 @@ def table1_cells(runs: list[dict]) -> tuple[dict, list[float]]:
         cells.setdefault((method, sel), {})[tau] = [(w, b) for _, w, b in best]
     taus = sorted({tau for (_, _, tau) in groups}, reverse=True)
     return cells, taus
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """``rows`` as a CSV with the union of their keys as columns (in first-seen order)."""
+    import csv
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return Path(path)
+
+
+def format_leaderboard(rows: list[dict], score: str, swept: list[str], headline: tuple[str, ...] = (),
+                       width: int = 100) -> str:
+    """A leaderboard that fits ``width`` columns: rank, trial, swept parameters, ``score`` and headline metrics.
+
+    Swept parameters show by their last name (``swept.hparams.lr`` -> ``lr``); columns that do not fit are
+    dropped, least important first (headline metrics from the last, then swept parameters), and counted.
+    """
+    def short(key: str) -> str:
+        name = key.rsplit(".", 1)[-1]
+        return name if sum(k.rsplit(".", 1)[-1] == name for k in swept) == 1 else key.removeprefix("swept.")
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)[:14]
+
+    present = [m for m in headline if any(m in r for r in rows)]
+    ranked = ["#", "trial", score, *swept, *present]  # most important first
+    cells = [{"#": str(i + 1), "trial": str(r.get("trial", "")).removeprefix("trial_"),
+              **{k: fmt(r.get(k)) for k in ranked[2:]}} for i, r in enumerate(rows)]
+    header = {"#": "#", "trial": "trial", score: score, **{k: short(k) for k in swept}, **{m: m for m in present}}
+    col_w = {k: max(len(header[k]), *(len(c[k]) for c in cells)) if cells else len(header[k]) for k in ranked}
+    shown, used = [], 0
+    for k in ranked:
+        if used + col_w[k] + 2 <= width or k in ("#", "trial"):
+            shown.append(k)
+            used += col_w[k] + 2
+    order = [k for k in ["#", "trial", *swept, score, *present] if k in shown]
+    lines = ["  ".join(header[k].ljust(col_w[k]) for k in order)]
+    lines += ["  ".join(c[k].ljust(col_w[k]) for k in order) for c in cells]
+    if len(shown) < len(ranked):
+        lines.append(f"({len(ranked) - len(shown)} more column(s) in the full table)")
+    return "\n".join(line.rstrip() for line in lines)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import tempfile
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 from ray.train.v2.api.callback import UserCallback
 
+from histoweak.checkpoint import load_checkpoint, save_checkpoint
+from histoweak._ray import verbose
 from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
                                       read_tiles, torch_batches)
 from histoweak.methods import METHODS, build_method
@@ -136,6 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(config["train"])
+    if not verbose():  # Ray 2.60 logs each report at INFO under a logger named by its file, past Train's level filter
+        import ray.train.v2._internal.execution.context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     _seed_everything(cfg.seed + rank)
@@ -147,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+            state, _ = load_checkpoint(d, map_location=device)
         method.load_state_dict(state["model"])
         method.optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, state["best"]
@@ -188,9 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": method.state_dict(), "optimizer": method.optimizer.state_dict(), "epoch": epoch,
-                            "best": best}, Path(d) / "state.pt")
-                (Path(d) / "config.json").write_text(json.dumps({**config, "epoch": epoch}, default=str))
+                save_checkpoint(d, method.state_dict(), method.optimizer.state_dict(), epoch, best, config)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -263,6 +268,7 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
                                                      checkpoint_score_order=mode),
         worker_runtime_env={"env_vars": dict(config.worker_env)} if config.worker_env else None,
         callbacks=callbacks,
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -307,8 +313,7 @@ def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "
     Returns (metrics, predictions) with predictions as from ``predict_split``.
     """
     with checkpoint.as_directory() as d:
-        saved = json.loads((Path(d) / "config.json").read_text())
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+        state, saved = load_checkpoint(d)
     cfg = TrainConfig.from_dict(saved["train"])
     hp = {**cfg.hparams, "weights": None}  # the checkpoint carries the weights
     import warnings
@@ -340,8 +345,7 @@ def write_pseudo_labels(checkpoint: str, tile_table: str, out_dir: str, n_classe
     from histoweak.data.streaming import TorchCollate, decode_tiles
     from histoweak.slides.tiling import encode_image
 
-    with open(Path(checkpoint) / "config.json") as fh:
-        saved = json.load(fh)
+    state, saved = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(saved["train"])
     if not getattr(METHODS[cfg.method], "pseudo_labels", None):
         raise ValueError(f"{checkpoint}: method {cfg.method!r} does not make pseudo-labels")
@@ -350,7 +354,7 @@ def write_pseudo_labels(checkpoint: str, tile_table: str, out_dir: str, n_classe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the checkpoint carries the weights
         method = build_method(cfg.method, {**cfg.hparams, "weights": None}, Task(cfg.target, n_classes))
-    method.load_state_dict(torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)["model"])
+    method.load_state_dict(state["model"])
     method.eval()
     src, out = Path(tile_table), Path(out_dir)
     files = sorted(src.rglob("*.parquet"))

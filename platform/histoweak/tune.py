@@ -25,8 +25,10 @@ interrupted sweep resumes (``Tuner.restore``) when rerun.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,8 @@ import yaml
 from histoweak.methods import METHODS
 from histoweak.train import TrainConfig, class_names_of
 
-__all__ = ["DISTRIBUTIONS", "SearchSpace", "load_search_space", "run_sweep"]
+__all__ = ["DISTRIBUTIONS", "SearchSpace", "SweepPlan", "leaderboard", "load_search_space",
+           "n_trials", "plan_sweep", "run_sweep", "sweep_identity"]
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 _TOP_KEYS = {"name", "method", "data", "train", "hparams", "params", "metric", "mode", "num_samples", "scheduler",
@@ -316,33 +319,129 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """Where a sweep lives and whether it resumes: a sweep is identified by what it computes."""
+
+    directory: Path  # <storage>/<name>-<key>: Ray Tune's experiment directory
+    identity: dict[str, str]  # hashes of the search space (after overrides), the data and the code
+    resume: bool
+    restart: bool  # the same sweep exists and the user asked for a clean start
+    message: str  # one line for the user
+
+
+_IDENTITY_NAMES = {"space": "search space (after --set/--seeds/--smoke-test)", "data": "data", "code": "code"}
+_SWEEP_FILE = "histoweak_sweep.json"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sweep_identity(space: SearchSpace, tile_table: str) -> dict[str, str]:
+    """Hashes of what a sweep computes: the search space after every override (not its stage-2 settings,
+    which run after the trials, nor its default ``data``, which the data hash covers), the tile table's
+    content (``tracking.dataset_hash``) and the package's source (``tracking.code_version``)."""
+    from histoweak import tracking
+
+    raw = _to_raw(space)
+    for key in ("stage2", "data"):
+        raw.pop(key, None)
+    return {"space": _digest(raw)[:12], "data": tracking.dataset_hash(tile_table), "code": tracking.code_version()}
+
+
+def plan_sweep(space: SearchSpace, tile_table: str, storage: str | Path, restart: bool = False) -> SweepPlan:
+    """Decide, without running anything, whether ``space`` on ``tile_table`` resumes a sweep under ``storage``.
+
+    The sweep's directory is keyed by its identity, so only the same search space on the same data with
+    the same code resumes; anything else is a new sweep, and the message says what differs from the
+    newest earlier sweep of that name.
+    """
+    from ray import tune
+
+    identity = sweep_identity(space, tile_table)
+    directory = Path(storage).resolve() / f"{space.name}-{_digest(identity)[:10]}"
+    exists = tune.Tuner.can_restore(str(directory))
+    if exists and not restart:
+        return SweepPlan(directory, identity, True, False,
+                         f"resuming sweep {directory.name} (same search space, data and code; "
+                         f"--restart starts it afresh): {directory}")
+    if exists:
+        return SweepPlan(directory, identity, False, True, f"--restart: starting sweep {directory.name} afresh")
+    earlier = []
+    for f in Path(storage).resolve().glob(f"{space.name}-*/{_SWEEP_FILE}"):
+        try:
+            saved = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("name") == space.name and f.parent != directory:
+            earlier.append((f.stat().st_mtime, f.parent.name, saved.get("identity", {})))
+    message = f"new sweep {directory.name}"
+    if earlier:
+        _, name, old = max(earlier)
+        differs = [_IDENTITY_NAMES[k] for k in identity if old.get(k) != identity[k]]
+        message += f" (not resuming {name}: its {' and '.join(differs)} differ{'s' if len(differs) == 1 else ''})"
+    return SweepPlan(directory, identity, False, False, message)
+
+
+def n_trials(space: SearchSpace) -> int:
+    """Trials the sweep runs: ``num_samples`` times every combination of its grids."""
+    n = space.num_samples
+    for dist in space.params.values():
+        if "grid" in dist:
+            n *= len(dist["grid"])
+    return n
+
+
 def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path = ".cache/ray_results",
-              progress: bool = True, stage2: bool = False) -> list[dict]:
-    """Run (or resume) the sweep; returns the leaderboard rows, best first, and logs it to MLflow."""
+              progress: bool = True, stage2: bool = False, restart: bool = False, verbose: bool = False) -> list[dict]:
+    """Run (or resume) the sweep; returns the leaderboard rows, best first, and logs it to MLflow.
+
+    It resumes only the sweep with the same identity (``plan_sweep``); ``restart`` discards that sweep's
+    Ray results and runs it again. A resumed sweep recorded in another MLflow store (a changed
+    ``MLFLOW_TRACKING_URI``, a deleted ``mlruns.db``) is recorded anew in this one, its finished trials
+    copied from Ray Tune's own records. ``progress``: one bar for the sweep and one per running trial;
+    ``verbose``: Ray Tune's own status tables instead.
+    """
     import ray
     from ray import tune
 
     from histoweak import figures, tracking
 
-    storage = str(Path(storage).resolve())
     uri = tracking.tracking_uri()
-    tags = {"method": space.method, "dataset": str(tile_table), "dataset_hash": tracking.dataset_hash(tile_table),
-            "git_commit": tracking.git_commit(Path(__file__).parent), "sweep": space.name}
-    sweep_dir = Path(storage) / space.name
-    resuming = tune.Tuner.can_restore(str(sweep_dir))
-    state_file = Path(storage) / f"{space.name}.mlflow.json"  # the sweep's MLflow run, for a resumed sweep
-    state = json.loads(state_file.read_text()) if resuming and state_file.exists() else {}
-    if state.get("tracking_uri") == uri:
-        parent_id = state["parent_run_id"]
+    plan = plan_sweep(space, tile_table, storage, restart)
+    sweep_dir = plan.directory
+    print(f"histoweak: {plan.message}")
+    if plan.restart:
+        shutil.rmtree(sweep_dir)
+    tags = {"method": space.method, "dataset": str(tile_table), "dataset_hash": plan.identity["data"],
+            "code_version": plan.identity["code"], "space_hash": plan.identity["space"],
+            "git_commit": tracking.git_commit(Path(__file__).parent), "sweep": space.name,
+            "sweep_dir": str(sweep_dir)}
+    state = {}
+    if plan.resume and (sweep_dir / _SWEEP_FILE).exists():
+        state = json.loads((sweep_dir / _SWEEP_FILE).read_text())
+    runs = state.get("runs", {})  # tracking store -> the sweep's run there
+    copied_from = None
+    if plan.resume and tracking.run_in_store(runs.get(uri), uri):
+        parent_id = runs[uri]
         tracking.reopen_run(parent_id, uri)
     else:
+        if plan.resume:
+            earlier = [u for u in runs if u != uri] + ([f"{uri} (run {runs[uri]}, since deleted)"] if uri in runs else [])
+            copied_from = ", ".join(earlier) or "an earlier store"
+            print(f"histoweak: this sweep was recorded in {copied_from}, not in {uri}: recording it there, its "
+                  "finished trials copied from Ray Tune's records (their figures stay where they were)")
         parent_id = tracking.parent_run(space.name, f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                         {"search_space": space.source, "metric": space.metric, "mode": space.mode,
                                          "num_samples": space.num_samples, **_flat(space.train, "train."),
                                          **_flat(space.hparams, "hparams."),
-                                         **{f"space.{k}": v for k, v in space.params.items()}}, tags, uri)
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": uri}))
+                                         **{f"space.{k}": v for k, v in space.params.items()}},
+                                        {**tags, **({"copied_from_store": copied_from} if copied_from else {})}, uri)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / _SWEEP_FILE).write_text(json.dumps(
+            {"name": space.name, "identity": plan.identity, "runs": {**runs, uri: parent_id},
+             "search_space": space.source, "tile_table": str(tile_table)}, indent=2))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = space.max_concurrent_trials or (max(gpus, 1) if gpus else max(1, cpus // 2))
@@ -353,7 +452,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.scheduler.get("grace_period", 1),
                                   reduction_factor=space.scheduler.get("reduction_factor", 2),
                                   max_t=int(space.train.get("epochs", TrainConfig.epochs)) + 1)
-    if not resuming:
+    if not plan.resume or copied_from:
         _log_group_counts(space, tile_table, n_classes, parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
            "cpu_share": None if gpus else cpus / concurrency,
@@ -362,11 +461,12 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
     # The trial function only drives Ray Train (whose workers hold the real resources): a token CPU share.
     trainable = tune.with_resources(tune.with_parameters(trial, ctx=ctx), {"cpu": 0.01})
     param_space = {k: _tune_domain(v) for k, v in space.params.items()}
+    from histoweak._tune_progress import SweepProgress
+
+    callbacks = [SweepProgress(space, n_trials(space))] if progress and not verbose else []
     status = "FAILED"
     try:
-        if resuming:
-            print(f"histoweak: resuming the sweep in {sweep_dir} (MLflow run {parent_id}); "
-                  "delete that directory or rename the sweep to start afresh")
+        if plan.resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True,
                                        param_space=param_space)
         else:
@@ -375,10 +475,12 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                 tune_config=tune.TuneConfig(metric=space.metric,  # every epoch reports it; best_* only at the end
                                             mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=space.name, storage_path=storage,
-                                          verbose=1 if progress else 0),
+                run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                                          verbose=1 if verbose else 0, callbacks=callbacks),
             )
         grid = tuner.fit()
+        if copied_from:
+            _copy_trials_from_ray(grid, space, parent_id, tags, copied_from, uri)
         rows = leaderboard(grid, space)
         tracking.log_table(parent_id, rows, "leaderboard.csv", uri)
         if rows:
@@ -397,14 +499,51 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         tracking.end_run(parent_id, status, uri)
 
 
+def _copy_trials_from_ray(grid, space: SearchSpace, parent_id: str, tags: dict, copied_from: str, uri: str) -> None:
+    """Record, under ``parent_id``, the trials that finished before the store changed (Tune did not rerun them).
+
+    Their parameters, per-epoch metrics and final metrics come from Ray Tune's records (``progress.csv``);
+    their figures stayed in the old store. Each result's ``mlflow_run_id`` is pointed at the new run.
+    """
+    import pandas as pd
+
+    from histoweak import tracking
+
+    client_children = tracking.child_run_names(parent_id, uri)
+    for r in grid:
+        m = r.metrics or {}
+        name = f"trial_{m['trial_id']}" if "trial_id" in m else Path(str(r.path)).name
+        if name in client_children or r.metrics_dataframe is None:
+            continue
+        sampled = {k: r.config.get(k) for k in space.params}
+        cfg = space.trial_config(sampled)
+        run_id = tracking.child_run(parent_id, name, {**_flat(dataclasses.asdict(cfg)),
+                                                      **{f"swept.{k}": v for k, v in sampled.items()}},
+                                    {**tags, "copied_from_store": copied_from}, uri)
+        for _, row in r.metrics_dataframe.iterrows():
+            values = {k: v for k, v in row.items() if not k.startswith(("config/", "timestamp", "time_", "pid"))
+                      and not isinstance(v, str) and pd.notna(v)}
+            if isinstance(row.get("mlflow_run_id"), str):  # the trial's final report: its test metrics
+                tracking.log_metrics(run_id, {k: v for k, v in values.items() if k.startswith(("test_", "best_"))},
+                                     step=cfg.epochs, uri=uri)
+            else:  # one report per epoch
+                tracking.log_metrics(run_id, values, step=int(row.get("epoch", 0)), uri=uri)
+        finished = f"best_{space.metric}" in m
+        tracking.end_run(run_id, "FINISHED" if finished else "KILLED", uri)
+        m["mlflow_run_id"] = run_id
+
+
 def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, sweep_dir: Path, parent_id: str,
                tags: dict, uri: str) -> dict[str, float]:
     """PSCL stage 2 for the sweep's best trial: write its pseudo-labels, train the decoder on them, log both.
 
-    Runs as a child run ``stage2`` of the sweep; its test metrics are also logged on the sweep as ``stage2_*``.
+    Runs as a child run ``stage2`` of the sweep; its test metrics are also logged on the sweep as ``stage2_*``,
+    its pictures of stage 1's fixed test tiles as ``test_stage2_predictions.png``.
     """
-    from histoweak import tracking
-    from histoweak.train import MlflowMetricsCallback, fit, write_pseudo_labels
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, tracking
+    from histoweak.train import MlflowMetricsCallback, class_names_of, fit, write_pseudo_labels
 
     ckpt = best.get("best_checkpoint")
     if not ckpt:
@@ -424,6 +563,12 @@ def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, 
         out = fit(cfg, str(pseudo), n_classes, callbacks=[MlflowMetricsCallback(run_id, uri)])
         tracking.log_metrics(run_id, out.test, step=cfg.epochs, uri=uri)
         tracking.log_metrics(parent_id, {f"stage2_{k}": v for k, v in out.test.items()}, uri=uri)
+        if out.test_predictions.get("image"):
+            names = class_names_of(tile_table) or [str(c) for c in range(n_classes)]
+            fig = figures.stage2_prediction_figure(out.test_predictions, names,
+                                                   "test tiles (stage 1's fixed set): pseudo-labels and predictions")
+            tracking.log_figure(run_id, fig, "test_stage2_predictions.png", uri)
+            plt.close(fig)
         print("histoweak: stage 2 (decoder on pseudo-labels), test: "
               + ", ".join(f"{k} {v:.4f}" for k, v in out.test.items() if k.endswith(("miou", "fwiou", "miou_fg"))))
         status = "FINISHED"
@@ -433,17 +578,19 @@ def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, 
 
 
 def leaderboard(grid, space: SearchSpace) -> list[dict]:
+    """One row per trial that reported its final metrics, best first by ``best_<metric>``; NaN scores last."""
     key = f"best_{space.metric}"
     rows = []
     for r in grid:
         m = r.metrics or {}
         if key not in m:
             continue
-        row = {"trial": Path(str(r.path)).name, **{f"swept.{k}": r.config.get(k) for k in space.params},
+        row = {"trial": f"trial_{m['trial_id']}" if "trial_id" in m else Path(str(r.path)).name,
+               **{f"swept.{k}": r.config.get(k) for k in space.params},
                key: m[key], **{k: v for k, v in m.items() if k.startswith("test_")},
                "loop_seconds": m.get("loop_seconds"), "mlflow_run_id": m.get("mlflow_run_id"),
                "best_checkpoint": m.get("best_checkpoint")}
         rows.append(row)
-    rev = space.mode == "max"
-    rows.sort(key=lambda r: (-math.inf if math.isnan(r[key]) else r[key]), reverse=rev)
+    sign = -1.0 if space.mode == "max" else 1.0
+    rows.sort(key=lambda r: (math.isnan(r[key]), sign * r[key] if not math.isnan(r[key]) else 0.0))
     return rows

@@ -208,6 +208,8 @@ class Method(nn.Module):
     #: validation metric used to pick the best checkpoint, and whether higher is better
     selection_metric: ClassVar[str] = "val_bca"
     selection_mode: ClassVar[str] = "max"
+    #: the test metrics a leaderboard shows for this method (those a run has; the rest stay in the CSV)
+    headline_metrics: ClassVar[tuple[str, ...]] = ("test_bca", "test_wga", "test_auroc")
     #: the method needs groups (``TrainConfig.group_tau``) and a group-balanced stream: each batch then
     #: carries ``batch["balanced"]``, a second batch drawn with ``balanced_weights`` per group
     needs_balanced_stream: ClassVar[bool] = False

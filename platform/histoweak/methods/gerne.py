@@ -72,6 +72,7 @@ class GERNE(ERM):
                 raise ValueError(f"method 'gerne': blend must be in [0, 1], got {self.blend}")
 
     selection_metric = "val_wga"
+    headline_metrics = ("test_wga", "test_bca")
     needs_balanced_stream = True
 
     @classmethod
