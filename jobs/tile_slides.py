@@ -10,7 +10,7 @@ import argparse
 import sys
 import tempfile
 
-from histoweak.cli import add_tiling_arguments, run_tiling
+from histoweak.cli import add_tiling_arguments, run_tiling, run_command
 
 
 def main() -> int:
@@ -24,11 +24,7 @@ def main() -> int:
     add_tiling_arguments(parser)
     parser.add_argument("--smoke-test", action="store_true",
                         help="tile a tiny synthetic dataset instead (SLIDES, OUT and the other options are ignored)")
-    try:
-        return run_tiling(parser.parse_args())
-    except ValueError as exc:
-        print(f"tile_slides: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(run_tiling, parser.parse_args(), "tile_slides")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,13 @@
 import argparse
 import sys
 
-from histoweak.cli import add_tune_arguments, cmd_tune
+from histoweak.cli import add_tune_arguments, cmd_tune, run_command
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tune_arguments(parser, default_space="search_spaces/erm.yaml")
-    try:
-        return cmd_tune(parser.parse_args())
-    except ValueError as exc:
-        print(f"tune_erm: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(cmd_tune, parser.parse_args(), "tune_erm")
 
 
 if __name__ == "__main__":

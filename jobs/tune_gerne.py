@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from histoweak.cli import add_tune_arguments, cmd_tune
+from histoweak.cli import add_tune_arguments, cmd_tune, run_command
 
 
 def main() -> int:
@@ -17,17 +17,18 @@ def main() -> int:
     spaces = Path(__file__).resolve().parents[1] / "search_spaces"
     add_tune_arguments(parser, default_space=str(spaces / "gerne.yaml"))
     parser.add_argument("--with-erm", action="store_true", help="also run search_spaces/gerne-erm.yaml (Table 1's ERM rows)")
-    parser.add_argument("--erm-space", default=str(spaces / "gerne-erm.yaml"))
+    parser.add_argument("--erm-space", default=str(spaces / "gerne-erm.yaml"),
+                        help="the ERM search space run with --with-erm")
     args = parser.parse_args()
-    try:
+
+    def both(args):
         code = cmd_tune(args)
         if args.with_erm and code == 0:
             args.search_space = args.erm_space
             code = cmd_tune(args)
         return code
-    except ValueError as exc:
-        print(f"tune_gerne: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_command(both, args, "tune_gerne")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from histoweak.cli import add_tune_arguments, cmd_tune
+from histoweak.cli import add_tune_arguments, cmd_tune, run_command
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tune_arguments(parser, default_space=str(Path(__file__).resolve().parents[1] / "search_spaces" / "pscl.yaml"))
-    try:
-        return cmd_tune(parser.parse_args())
-    except ValueError as exc:
-        print(f"tune_pscl: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(cmd_tune, parser.parse_args(), "tune_pscl")
 
 
 if __name__ == "__main__":

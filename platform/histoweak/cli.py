@@ -119,16 +119,23 @@ def run_tiling(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
-def resolve_data(data: str | None, smoke: bool = False) -> tuple[str, int]:
-    """A tile table path and its class count.
+def resolve_data(data: str | None, smoke: bool = False, address: str | None = None) -> tuple[str, int]:
+    """A tile table path and its class count; a missing or malformed table fails (``ValueError``) before Ray starts.
 
     ``data``: a tile table; ``synthetic:<preset>`` for an embedded synthetic dataset (tiled on first
-    use); None for the default one. ``smoke`` makes the synthetic data small.
+    use, on the Ray cluster at ``address``); None for the default one. ``smoke`` makes the synthetic data small.
     """
+    from histoweak._ray import init_ray
     from histoweak.data.defaults import default_tile_table, n_classes_of
 
     if data is None or data.startswith("synthetic:"):
+        from histoweak.data.synthetic import PRESETS
+
         preset = data.split(":", 1)[1] if data else "default"
+        if preset not in PRESETS:
+            raise ValueError(f"--data {data}: unknown synthetic preset; valid: "
+                             f"{', '.join('synthetic:' + p for p in sorted(PRESETS))}")
+        init_ray(address)
         if preset == "default" and smoke:
             table = str(default_tile_table(preset="tiny"))
         else:
@@ -147,7 +154,13 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: use <key>=<value>, e.g. hparams.lr=1e-3 or metric=val_miou_fg")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; a user means the number
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out
 
 
@@ -176,14 +189,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.smoke_test:
         values.update(epochs=1, steps_per_epoch=2, batch_size=8)
     cfg = TrainConfig.from_dict(values)  # fails on a bad key before any work
+    table, n_classes = resolve_data(args.data, args.smoke_test, args.address)
     init_ray(args.address)
-    table, n_classes = resolve_data(args.data, args.smoke_test)
     out = fit(cfg, table, n_classes)
     print(f"best {cfg.method} checkpoint: {out.checkpoint}")
     for k, v in {**out.best, **out.test}.items():
         if isinstance(v, float):
             print(f"  {k}: {v:.4f}")
     return 0
+
+
+def space_from_args(args: argparse.Namespace):
+    """The search space a tune command runs: the YAML, then ``--smoke-test``'s overrides, ``--set``, ``--seeds``."""
+    from histoweak.tune import load_search_space
+
+    space = load_search_space(args.search_space)
+    if args.smoke_test:
+        space = space.with_overrides(space.smoke)
+    if args.overrides:
+        space = space.with_overrides(parse_overrides(args.overrides))
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds {args.seeds}: must be >= 1")
+        space = space.with_params({"train.seed": {"grid": list(range(args.seeds))}})
+    return space
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -194,17 +223,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from histoweak._ray import init_ray
     from histoweak.methods import METHODS
     from histoweak.report import format_leaderboard
-    from histoweak.tune import load_search_space, run_sweep
+    from histoweak.tune import run_sweep
 
-    space = load_search_space(args.search_space)  # fails on a bad key before any work
-    if args.smoke_test:
-        space = space.with_overrides(space.smoke)
-    if args.overrides:
-        space = space.with_overrides(parse_overrides(args.overrides))
-    if args.seeds:
-        space = space.with_params({"train.seed": {"grid": list(range(args.seeds))}})
+    space = space_from_args(args)  # fails on a bad key before any work
+    table, n_classes = resolve_data(args.data or space.data, args.smoke_test, args.address)
     init_ray(args.address)
-    table, n_classes = resolve_data(args.data or space.data, args.smoke_test)
     rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
                      stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose)
     print(f"\nsweep {space.name}: {len(rows)} trials with results, best first by best_{space.metric}")
@@ -290,7 +313,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from histoweak.methods.base import GROUP_NAMES
     from histoweak.report import group_counts
 
-    table, n_classes = resolve_data(args.data)
+    table, n_classes = resolve_data(args.data, address=args.address)
     counts = group_counts(table, args.target, n_classes, args.tau)
     _print_rows([{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}} for sp, c in counts.items()],
                 f"tiles per group at tau = {args.tau:g} ({table})")
@@ -402,13 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what a user's input can raise (a bad value, a missing or unreadable file): one ``error:`` line, exit 2
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def run_command(func, args: argparse.Namespace, prog: str) -> int:
+    """``func(args)``, with a user's error reported as one line naming the problem and exit code 2."""
+    try:
+        return func(args)
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as exc:  # malformed input: one clear line, before any work
-        print(f"histoweak {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, f"histoweak {args.command}")
 
 
 if __name__ == "__main__":

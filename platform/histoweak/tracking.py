@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["child_run", "close_children", "code_version", "dataset_hash", "end_run", "git_commit", "log_figure", "log_metrics", "log_table",
-           "child_run_names", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "runs_page_url", "source_tags",
+           "child_runs", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "runs_page_url", "source_tags",
            "tracking_uri"]
 
 
@@ -249,9 +249,9 @@ def run_in_store(run_id: str | None, uri: str | None = None) -> bool:
         return False
 
 
-def child_run_names(parent_id: str, uri: str | None = None) -> set[str]:
-    """Names of the runs nested under ``parent_id``."""
+def child_runs(parent_id: str, uri: str | None = None) -> dict[str, str]:
+    """The runs nested under ``parent_id``: name -> run id."""
     client = _client(uri)
     parent = client.get_run(parent_id)
-    return {r.info.run_name for r in client.search_runs(
+    return {r.info.run_name: r.info.run_id for r in client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}

@@ -12,7 +12,7 @@ A search-space file::
     metric: val_bca                 # default: the method's selection metric
     mode: max
     num_samples: 4
-    scheduler: {type: asha, grace_period: 1}                # or {type: fifo}
+    scheduler: {type: asha, grace_period: 1}                # or {type: fifo}; max_t: epochs at most
     max_concurrent_trials: null     # default: one per GPU, else one per 2 CPUs
     smoke: {num_samples: 2, train.epochs: 1, train.steps_per_epoch: 2}    # --smoke-test overrides
 
@@ -166,9 +166,12 @@ def _validate(raw: Any, where: str) -> SearchSpace:
     sched = raw.get("scheduler") or {"type": "fifo"}
     if not isinstance(sched, dict) or sched.get("type") not in ("fifo", "asha"):
         bad("scheduler", "must be {type: fifo} or {type: asha, grace_period: N, reduction_factor: N}")
-    extra = set(sched) - {"type", "grace_period", "reduction_factor"}
+    extra = set(sched) - {"type", "grace_period", "reduction_factor", "max_t"}
     if extra:
-        bad(f"scheduler.{sorted(extra)[0]}", "unknown; valid: grace_period, reduction_factor")
+        bad(f"scheduler.{sorted(extra)[0]}", "unknown; valid: grace_period, reduction_factor, max_t")
+    for k in ("grace_period", "reduction_factor", "max_t"):
+        if k in sched and (not isinstance(sched[k], int) or sched[k] < 1):
+            bad(f"scheduler.{k}", f"must be an integer >= 1, got {sched[k]!r}")
     mct = raw.get("max_concurrent_trials")
     if mct is not None and (not isinstance(mct, int) or mct < 1):
         bad("max_concurrent_trials", f"must be an integer >= 1 or null, got {mct!r}")
@@ -451,7 +454,8 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
 
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.scheduler.get("grace_period", 1),
                                   reduction_factor=space.scheduler.get("reduction_factor", 2),
-                                  max_t=int(space.train.get("epochs", TrainConfig.epochs)) + 1)
+                                  # epochs, then the final report; a smaller max_t stops every trial there
+                                  max_t=space.scheduler.get("max_t", int(space.train.get("epochs", TrainConfig.epochs)) + 1))
     if not plan.resume or copied_from:
         _log_group_counts(space, tile_table, n_classes, parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
@@ -481,6 +485,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         grid = tuner.fit()
         if copied_from:
             _copy_trials_from_ray(grid, space, parent_id, tags, copied_from, uri)
+        _score_stopped_trials(grid, space, ctx, uri)
         rows = leaderboard(grid, space)
         tracking.log_table(parent_id, rows, "leaderboard.csv", uri)
         if rows:
@@ -499,6 +504,52 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         tracking.end_run(parent_id, status, uri)
 
 
+def _score_stopped_trials(grid, space: SearchSpace, ctx: dict, uri: str) -> None:
+    """Score on test the best checkpoint of each trial the scheduler stopped early (ASHA), which never
+    reached its own test step, so every leaderboard row has test metrics.
+
+    The best checkpoint is the kept one whose epoch has the best selection metric in the trial's
+    per-epoch reports; its metrics and figures go to the trial's MLflow run (which stays KILLED) and
+    into the trial's result, marked ``stopped_after_epoch``.
+    """
+    import ray.train
+
+    from histoweak import tracking
+    from histoweak.checkpoint import load_checkpoint
+    from histoweak.methods import METHODS
+    from histoweak.train import score_checkpoint
+
+    runs = None
+    for r in grid:
+        m, df = r.metrics, r.metrics_dataframe
+        if not m or any(k.startswith("test_") for k in m) or df is None or "epoch" not in df:
+            continue
+        sampled = {k: r.config.get(k) for k in space.params}
+        cfg = space.trial_config(sampled)
+        sel = cfg.select or METHODS[cfg.method].selection_metric
+        sign = 1.0 if METHODS[cfg.method].selection_mode == "max" else -1.0
+        score = {int(e): sign * v for e, v in zip(df["epoch"], df.get(sel, [])) if v == v}
+        name = f"trial_{m['trial_id']}"
+        kept = []
+        for c in (Path(ctx["storage"]) / "trials" / name).glob("checkpoint_*"):
+            try:
+                kept.append((score.get(int(load_checkpoint(c)[1]["epoch"]), -math.inf), str(c)))
+            except (ValueError, KeyError):
+                continue
+        if not kept:
+            continue
+        best_path = max(kept)[1]
+        test, pred = score_checkpoint(ray.train.Checkpoint.from_directory(best_path), ctx["tile_table"],
+                                      ctx["n_classes"], "test")
+        runs = runs if runs is not None else tracking.child_runs(ctx["parent_run_id"], uri)
+        run_id = runs.get(name)
+        if run_id:
+            tracking.log_metrics(run_id, test, step=cfg.epochs, uri=uri)
+            _log_test_figures(run_id, uri, pred, cfg.target, cfg.group_tau, ctx.get("class_names"))
+        m.update({**test, "stopped_after_epoch": int(df["epoch"].max()), "best_checkpoint": best_path,
+                  "mlflow_run_id": run_id})
+
+
 def _copy_trials_from_ray(grid, space: SearchSpace, parent_id: str, tags: dict, copied_from: str, uri: str) -> None:
     """Record, under ``parent_id``, the trials that finished before the store changed (Tune did not rerun them).
 
@@ -509,7 +560,7 @@ def _copy_trials_from_ray(grid, space: SearchSpace, parent_id: str, tags: dict, 
 
     from histoweak import tracking
 
-    client_children = tracking.child_run_names(parent_id, uri)
+    client_children = tracking.child_runs(parent_id, uri)
     for r in grid:
         m = r.metrics or {}
         name = f"trial_{m['trial_id']}" if "trial_id" in m else Path(str(r.path)).name
@@ -588,7 +639,8 @@ def leaderboard(grid, space: SearchSpace) -> list[dict]:
         row = {"trial": f"trial_{m['trial_id']}" if "trial_id" in m else Path(str(r.path)).name,
                **{f"swept.{k}": r.config.get(k) for k in space.params},
                key: m[key], **{k: v for k, v in m.items() if k.startswith("test_")},
-               "loop_seconds": m.get("loop_seconds"), "mlflow_run_id": m.get("mlflow_run_id"),
+               "loop_seconds": m.get("loop_seconds"), "stopped_after_epoch": m.get("stopped_after_epoch"),
+               "mlflow_run_id": m.get("mlflow_run_id"),
                "best_checkpoint": m.get("best_checkpoint")}
         rows.append(row)
     sign = -1.0 if space.mode == "max" else 1.0

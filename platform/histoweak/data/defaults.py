@@ -42,7 +42,10 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
 
 def n_classes_of(tile_table: str | Path) -> int:
     """Number of classes (with background) recorded in a tile table's manifest."""
+    if not Path(tile_table).is_dir():
+        raise ValueError(f"{tile_table}: no such tile table (a directory written by `histoweak tile` or "
+                         "`histoweak import`)")
     m = Path(tile_table) / "_manifest.json"
     if not m.exists():
-        raise FileNotFoundError(f"{m}: not a histoweak tile table (no manifest)")
+        raise ValueError(f"{m}: not a histoweak tile table (no manifest)")
     return len(json.loads(m.read_text())["classes"])
