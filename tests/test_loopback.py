@@ -1,6 +1,7 @@
 """Every server the project starts listens on loopback only (Ray head with dashboard and job server, local Ray);
 `ray job submit` against such a head works."""
 
+import io
 import ipaddress
 import json
 import os
@@ -9,10 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from histoweak._ray import LOOPBACK_ENV
+
 
 def _is_loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
@@ -28,14 +33,10 @@ def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
     return out
 
 
-def _ray_pids(marker: str = "") -> set[int]:
+def _ray_pids() -> set[int]:
     pids = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if marker:
-            if marker in cmd:
-                pids.add(p.info["pid"])
-            continue
         if "ray" in cmd and ("gcs_server" in cmd or "raylet" in cmd or "dashboard" in cmd or "ray::" in cmd
                              or "default_worker" in cmd or "log_monitor" in cmd or "runtime_env" in cmd):
             pids.add(p.info["pid"])
@@ -48,6 +49,69 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     assert all(_is_loopback(ip) for _, ip, _ in listening), listening
 
 
+def _head_pids(temp: str, gcs_address: str) -> set[int]:
+    """The processes of the head started with ``--temp-dir=temp``: those whose command lines name its temp dir or
+    its GCS address (the Ray client server), and all their descendants (agents rename themselves, e.g.
+    ``ray::DashboardAgent``, and so name neither)."""
+    roots = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if temp in cmd or gcs_address in cmd:
+            roots.append(p)
+    pids = {p.pid for p in roots}
+    for p in roots:
+        try:
+            pids.update(c.pid for c in p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def _wait_for(condition, what: str, timeout: float, interval: float = 0.5):
+    """Poll ``condition() -> (done, seen)`` every ``interval`` s; return ``seen`` once done, or fail after ``timeout``
+    s showing what was last seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, seen = condition()
+        if done:
+            return seen
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s; last seen: {seen}")
+        time.sleep(interval)
+
+
+def _mask(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _check_pseudo_label_table(storage: Path) -> None:
+    """Stage 2 trained on a table whose train masks are stage 1's pseudo-labels and whose val/test masks
+    are the source's ground truth, row for row."""
+    manifests = list(storage.glob("pscl-*/pseudo_labels/_manifest.json"))
+    assert len(manifests) == 1, f"one pseudo-label table expected under {storage}, found {manifests}"
+    pseudo = manifests[0].parent
+    provenance = json.loads(manifests[0].read_text())["pseudo_labels"]
+    source = Path(provenance["source"])
+    assert (Path(provenance["checkpoint"]) / "state.pt").exists(), provenance
+    files = sorted(p.relative_to(source) for p in source.rglob("*.parquet"))
+    assert files and sorted(p.relative_to(pseudo) for p in pseudo.rglob("*.parquet")) == files
+    changed = {"train": 0, "val": 0, "test": 0}
+    rows = {"train": 0, "val": 0, "test": 0}
+    for rel in files:
+        src, dst = pq.read_table(source / rel), pq.read_table(pseudo / rel)
+        assert dst.num_rows == src.num_rows, rel
+        assert dst.column("split").to_pylist() == src.column("split").to_pylist(), rel
+        for split, before, after in zip(src.column("split").to_pylist(), src.column("mask").to_pylist(),
+                                        dst.column("mask").to_pylist()):
+            rows[split] += 1
+            if split == "train":
+                changed["train"] += not np.array_equal(_mask(before), _mask(after))
+            else:
+                changed[split] += after != before  # ground truth, byte for byte
+    assert all(rows.values()), rows
+    assert changed == {"train": changed["train"], "val": 0, "test": 0} and changed["train"] > 0, (changed, rows)
+
+
 @pytest.mark.cluster
 def test_ray_head_with_dashboard_on_loopback(tmp_path):
     """`ray start --head` as the README tells users, including the dashboard and job server."""
@@ -55,38 +119,43 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
     bindir = os.path.dirname(sys.executable)
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "PATH": bindir + os.pathsep + os.environ["PATH"]}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    temp = f"/tmp/hw-ray-head-{os.getpid()}"
-    before = _ray_pids()
+    temp, gcs = f"/tmp/hw-ray-head-{os.getpid()}", "127.0.0.1:6391"
+    before = _ray_pids() | _head_pids(temp, gcs)  # never stop what this test did not start
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            "--port=6391", "--dashboard-port=8271", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
            # distinct agent ports: the session's local Ray (other tests) holds the defaults
            "--dashboard-agent-listen-port=52466", "--dashboard-agent-grpc-port=52467", "--runtime-env-agent-port=52468",
            "--metrics-export-port=52469", "--min-worker-port=20000", "--max-worker-port=20999"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    time.sleep(3)
-    pids = _ray_pids(marker=temp) - before  # this head's processes only (their command lines name its temp dir)
+
+    def head_listening():
+        listening = _listening(_head_pids(temp, gcs) - before)
+        # GCS, dashboard (job server) and the dashboard agent that runs submitted jobs are up
+        return {6391, 8271, 52466} <= {port for _, _, port in listening}, listening
+
     try:
-        listening = _listening(pids)
-        ports = {port for _, _, port in listening}
-        assert 6391 in ports and 8271 in ports, listening  # GCS and dashboard (job server) are up
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+        listening = _wait_for(head_listening, "the head's GCS, dashboard and agent ports listening", timeout=120)
         assert all(_is_loopback(ip) for _, ip, _ in listening), listening
         # and a job submitted to it the way the README says runs to completion
         repo = Path(__file__).resolve().parents[1]
-        for _ in range(20):  # the job agent comes up a few seconds after the head
+
+        def submitted():
             job = subprocess.run([ray_bin, "job", "submit", "--address", "http://127.0.0.1:8271", "--working-dir",
                                   str(repo), "--", "python", "jobs/tile_slides.py", "--smoke-test"],
                                  env=env, capture_output=True, text=True, timeout=300, cwd=repo)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(3)
+            # the agent registers with the head shortly after its port opens
+            return "No available agent" not in job.stderr + job.stdout, job
+
+        job = _wait_for(submitted, "a job accepted by the head's agent", timeout=120)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert "tiles from 3/3 slides" in job.stdout
         # the flagship PSCL sweep, submitted the same way, records into the MLflow store the submitter names
         store = tmp_path / "mlruns.db"
+        storage = tmp_path / "ray_results"
         runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}})
         job = subprocess.run([ray_bin, "job", "submit", "--address", "http://127.0.0.1:8271", "--working-dir",
                               str(repo), "--runtime-env-json", runtime_env, "--", "python", "jobs/tune_pscl.py",
-                              "--smoke-test", "--stage2", "--no-progress"],
+                              "--smoke-test", "--stage2", "--no-progress", "--storage", str(storage)],
                              env=env, capture_output=True, text=True, timeout=900, cwd=repo)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         from mlflow.tracking import MlflowClient
@@ -101,9 +170,19 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
             assert {"test_cam_overlays.png", "test_cam_histogram.png"} <= arts
         stage2 = [r for r in runs if r.info.run_name == "stage2"]
         assert len(stage2) == 1 and "test_miou" in stage2[0].data.metrics
+        _check_pseudo_label_table(storage)
+        # nothing the jobs started on the head listens beyond loopback either
+        listening = _listening(_head_pids(temp, gcs) - before)
+        assert all(_is_loopback(ip) for _, ip, _ in listening), listening
     finally:
-        # Not `ray stop`: it would also kill the session's local Ray that other tests use.
-        procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+        # Not `ray stop`: it would also kill the session's local Ray that other tests use. This head's processes
+        # as found now (a pid seen earlier may since belong to someone else).
+        procs = []
+        for p in _head_pids(temp, gcs) - before:
+            try:
+                procs.append(psutil.Process(p))
+            except psutil.NoSuchProcess:
+                pass
         for proc in procs:
             proc.terminate()
         _, alive = psutil.wait_procs(procs, timeout=15)

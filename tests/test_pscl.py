@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from pytorch_metric_learning.losses import SupConLoss
 
 from histoweak.methods import build_method
 from histoweak.methods.base import Task
 from histoweak.methods.pscl import (SegmentationMetrics, gate_cams, noise_reduced_loss, normalise_cams,
                                     pseudo_labels_from_cams)
-from histoweak.methods.pscl_loss import pscl_loss
 
 
 def test_cam_normalisation_relu_over_max():
@@ -74,24 +75,103 @@ def _batch(n=4, size=128):
     return {"image": images, "labels": labels}
 
 
-def test_loss_is_mlsm_plus_lambda_pscl_with_background_channel():
-    m = _pscl(0.1)
-    b = _batch()
+BG_MIN_SIZE = 25
+
+
+def _glass_batch():
+    """Two 128-px 8-bit tiles with white (glass) regions of known sizes and grey levels; background rule: grey > 200
+    in 4-connected regions of at least BG_MIN_SIZE pixels."""
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(20, 150, (2, 128, 128, 3), dtype=np.uint8)  # tissue: grey level at most 150
+    rgb[0, :32] = 255  # a band of glass across the top: feature-map row 0
+    rgb[0, 50:55, 50:55] = 255  # 25 px: exactly the minimum size, kept
+    rgb[0, 50:54, 80:86] = 255  # 24 px: one short, removed
+    rgb[0, 90:94, 20:24] = 255  # two 16-px squares touching only at a corner: separate regions under
+    rgb[0, 94:98, 24:28] = 255  # 4-connectivity (both removed); one 32-px region under 8-connectivity
+    rgb[0, 100:110, 60:70] = (255, 150, 255)  # pink: grey 193 (not background), though its channel mean is 220
+    rgb[0, 100:108, 100:108] = 201  # just above the grey threshold: background
+    rgb[0, 70:78, 100:108] = 199  # just below: tissue
+    rgb[1, :, 96:] = 255  # a band of glass down the right: feature-map column 3
+    rgb[1, 40:43, 40:43] = 255  # 9 px: removed
+    rgb[1, 80:88, 20:28] = 200  # exactly the grey threshold: tissue (background is strictly above it)
+    labels = torch.zeros(2, 5)
+    labels[0, [1, 3]] = 1
+    labels[1, [1, 2]] = 1
+    return rgb, {"image": torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255, "labels": labels}
+
+
+def _background_by_skimage(rgb: np.ndarray, grey: float, min_size: int) -> np.ndarray:
+    """The thesis's background seed (§4.3.2), computed with PIL's grey level and scikit-image's labelling."""
+    from PIL import Image
+    from skimage.measure import label
+
+    out = []
+    for tile in rgb:
+        white = np.asarray(Image.fromarray(tile).convert("L")) > grey  # ITU-R 601 luma, as OpenCV's RGB2GRAY
+        regions = label(white, connectivity=1)
+        big = np.bincount(regions.ravel()) >= min_size
+        big[0] = False  # label 0: not white
+        out.append(big[regions])
+    return np.stack(out)
+
+
+def test_background_seed_is_grey_threshold_then_small_regions_removed():
+    m = _pscl(0.1, bg_min_size=BG_MIN_SIZE)
+    rgb, b = _glass_batch()
+    expected = _background_by_skimage(rgb, 200, BG_MIN_SIZE)
+    # the hand-made regions land where they were meant to: the test exercises each side of each rule
+    assert expected[0, :32].all() and expected[1, :, 96:].all()
+    assert expected[0, 50:55, 50:55].all() and not expected[0, 50:54, 80:86].any()
+    assert not expected[0, 90:98, 20:28].any()
+    assert not expected[0, 100:110, 60:70].any() and expected[0, 100:108, 100:108].all()
+    assert not expected[0, 70:78, 100:108].any() and not expected[1, 40:43, 40:43].any()
+    assert not expected[1, 80:88, 20:28].any()
+    assert expected.sum() == 32 * 128 + 25 + 64 + 128 * 32
+    seed = m.background(b["image"])
+    assert seed.dtype == torch.bool and seed.shape == (2, 128, 128)
+    np.testing.assert_array_equal(seed.numpy(), expected)
+
+
+def test_loss_is_mlsm_plus_lambda_supcon_on_pixels_labelled_by_cams_and_background():
+    lam, tau = 0.1, 0.5  # not the default 0.25: the method must use its own hyperparameter
+    m = _pscl(lam, bg_min_size=BG_MIN_SIZE, tau=tau)
+    rgb, b = _glass_batch()
     m.train()
     loss, logs = m._loss(b)
-    logits, a, f = m._activations(b["image"])
-    mlsm = torch.nn.MultiLabelSoftMarginLoss()(logits, b["labels"][:, 1:])
-    bg = m.background(b["image"])[:, None].float()
-    bg = torch.nn.functional.adaptive_avg_pool2d(bg, a.shape[-2:]) > 0.5
-    assert bg.any(), "the white band must seed background on the feature map"
-    cams = torch.cat([bg.float(), normalise_cams(a).detach()], 1)
-    expected = mlsm + 0.1 * pscl_loss(f, cams, tau=0.25)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
-    assert logs["loss_pscl"] > 0
-    m0 = _pscl(0.0)
-    loss0, _ = m0._loss(b)
-    assert loss0.item() == pytest.approx(torch.nn.MultiLabelSoftMarginLoss()(m0(b["image"]), b["labels"][:, 1:]).item(),
-                                         rel=1e-5)
+
+    with torch.no_grad():
+        f = m.encoder(b["image"])[-1]  # (2, 512, 4, 4): one feature pixel per 32x32 block of the tile
+        a = m.classifier(f)
+    y = b["labels"][:, 1:]  # patch labels of classes 1..4 (background is not a patch label)
+    x = a.mean((2, 3))
+    mlsm = -(y * torch.nn.functional.logsigmoid(x) + (1 - y) * torch.nn.functional.logsigmoid(-x)).mean()
+    # CAMs (eq. 4.3) by hand: ReLU, divided by each map's maximum
+    relu = a.clamp_min(0)
+    peak = relu.amax((2, 3), keepdim=True)
+    cams = torch.where(peak > 0, relu / peak, torch.zeros_like(relu))
+    # the background channel: a feature pixel is background when most of its 32x32 block is
+    bg = torch.from_numpy(_background_by_skimage(rgb, 200, BG_MIN_SIZE)).float()
+    bg = bg.reshape(2, 4, 32, 4, 32).mean((2, 4)) > 0.5
+    assert bg[0, 0].all() and bg[1, :, 3].all() and bg.sum() == 8
+    labelled = torch.cat([bg[:, None].float(), cams], 1)  # (2, 5, 4, 4): channel 0 is background
+    top, pixel_label = labelled.max(1)
+    kept = top > tau  # eq. 4.6-4.7
+    emb = f.permute(0, 2, 3, 1)[kept]
+    labels = pixel_label[kept]
+    assert 0 < (~kept).sum() and (labels == 0).sum() == 8  # some pixels dropped; background pixels all kept
+    assert len(labels.unique()) >= 3  # background and at least two classes take part
+    supcon = SupConLoss(temperature=0.1)(emb, labels)
+    assert supcon.item() > 0
+
+    assert logs["loss_cls"] == pytest.approx(mlsm.item(), rel=1e-5)
+    assert logs["loss_pscl"] == pytest.approx(supcon.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((mlsm + lam * supcon).item(), rel=1e-5)
+
+    m0 = _pscl(0.0, bg_min_size=BG_MIN_SIZE)  # lambda = 0: the CAM baseline, classification loss only
+    loss0, logs0 = m0._loss(b)
+    x0 = m0(b["image"]).detach()
+    mlsm0 = -(y * torch.nn.functional.logsigmoid(x0) + (1 - y) * torch.nn.functional.logsigmoid(-x0)).mean()
+    assert loss0.item() == pytest.approx(mlsm0.item(), rel=1e-5) and "loss_pscl" not in logs0
 
 
 def test_pseudo_labels_are_gated_by_patch_labels_and_background():
@@ -113,16 +193,51 @@ def test_pscl_only_supports_patch_labels_and_validates():
         build_method("pscl-seg", {"backbone": "resnet18", "weights": None, "loss": "nr"}, Task("mask", 5))
 
 
-def test_noise_reduced_loss_weights_by_confidence():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
-    target = torch.randint(0, 3, (2, 4, 4))
-    zero = noise_reduced_loss(logits, target, torch.zeros(2, 3, 4, 4))
-    assert zero.item() == 0.0  # no confidence, no penalty
-    conf = torch.full((2, 3, 4, 4), 1 / 3)
-    loss = noise_reduced_loss(logits, target, conf)
+def _noise_reduced_loss_by_hand(logits, target, cams, gumbel, tau):
+    """Eq. 4.10-4.11 in plain Python: per pixel, c_i = CAM_i / Σ CAM, P = softmax((logits + g) / tau),
+    L = -Σ_i c_i (y_i log P_i + (1 - y_i) log(1 - P_i)); the mean over pixels."""
+    n, k, h, w = len(logits), len(logits[0]), len(logits[0][0]), len(logits[0][0][0])
+    total = 0.0
+    for b in range(n):
+        for r in range(h):
+            for c in range(w):
+                z = [(logits[b][i][r][c] + gumbel[b][i][r][c]) / tau for i in range(k)]
+                e = [math.exp(v) for v in z]
+                p = [v / sum(e) for v in e]
+                cam_sum = sum(cams[b][i][r][c] for i in range(k))
+                for i in range(k):
+                    y = 1.0 if target[b][r][c] == i else 0.0
+                    conf = cams[b][i][r][c] / cam_sum
+                    total -= conf * (y * math.log(p[i]) + (1 - y) * math.log(1 - p[i]))
+    return total / (n * h * w)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_noise_reduced_loss_equals_hand_computation_with_the_same_gumbel_noise(tau):
+    # 1 image, 2 classes, 2x2 pixels; float64, because with a sharp softmax (tau = 0.5) float32's 1 - P
+    # keeps only a few digits, and this compares the formula, not the rounding
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, 0.0]],
+                            [[-1.0, 1.5], [0.5, 3.0]]]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[[0, 1], [1, 0]]])
+    cams = torch.tensor([[[[0.9, 0.2], [0.5, 0.6]],
+                          [[0.3, 0.6], [0.5, 0.2]]]], dtype=torch.float64)
+    confidence = cams / cams.sum(1, keepdim=True)  # eq. 4.10
+
+    torch.manual_seed(11)
+    loss = noise_reduced_loss(logits, target, confidence, tau=tau)
+    # the Gumbel(0, 1) noise drawn from the global generator as torch.nn.functional.gumbel_softmax draws it:
+    # -log(E), E ~ Exp(1), one draw per logit, in the logits' dtype
+    torch.manual_seed(11)
+    gumbel = -torch.empty_like(logits).exponential_().log()
+
+    expected = _noise_reduced_loss_by_hand(logits.tolist(), target.tolist(), cams.tolist(), gumbel.tolist(), tau)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    without_noise = _noise_reduced_loss_by_hand(logits.tolist(), target.tolist(), cams.tolist(),
+                                                torch.zeros_like(gumbel).tolist(), tau)
+    assert abs(without_noise - expected) > 0.05 * expected  # the noise matters: the comparison above can fail
     loss.backward()
-    assert loss.item() > 0 and logits.grad.abs().sum() > 0
+    assert logits.grad.abs().sum() > 0
+    assert noise_reduced_loss(logits, target, torch.zeros_like(cams)).item() == 0.0  # no confidence, no penalty
 
 
 def _keyed_batches(n_batches=4, n=3, size=32):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from pytorch_metric_learning.losses import SupConLoss  # the reference; a declared test dependency
 
 from histoweak.methods.pscl_loss import kept_pixel_labels, pscl_loss
 
@@ -13,11 +14,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def SupConLoss():
-    return pytest.importorskip("pytorch_metric_learning.losses", reason="pytorch-metric-learning is not installed").SupConLoss
 
 
 def random_case(seed, n=2, d=8, h=5, w=6, k=4, dtype=torch.float32):
@@ -68,7 +64,7 @@ def test_value_hand_made():
 
 @pytest.mark.parametrize("seed, tau, t, chunk", [(0, 0.25, 0.1, 7), (1, 0.5, 0.1, 1024), (2, 0.6, 0.07, 16),
                                                 (3, 0.3, 0.5, 1), (4, 0.8, 0.1, 5)])
-def test_value_and_gradient_equal_supcon(SupConLoss, seed, tau, t, chunk):
+def test_value_and_gradient_equal_supcon(seed, tau, t, chunk):
     features, cams = random_case(seed)
     ours = pscl_loss(features, cams, tau=tau, temperature=t, chunk_size=chunk)
     (g_ours,) = torch.autograd.grad(ours, features)
@@ -130,7 +126,7 @@ def test_max_pixels_is_a_reproducible_sample():
     assert sampled(features, cams, 0).item() == sampled(features, cams, 0).item() != sampled(features, cams, 1).item()
 
 
-def test_max_pixels_sample_equals_supcon_on_the_sample(SupConLoss):
+def test_max_pixels_sample_equals_supcon_on_the_sample():
     features, cams = random_case(10, h=8, w=8)
     # the sample is the first 40 of a permutation of the kept pixels drawn from the generator
     emb, labels = kept_embeddings(features, cams, 0.25)
@@ -169,7 +165,7 @@ def test_zero_cases(case):
 
 
 @pytest.mark.parametrize("case", ZERO_CASES)
-def test_zero_cases_agree_with_supcon(SupConLoss, case):
+def test_zero_cases_agree_with_supcon(case):
     features, cams = zero_case(case)
     emb, labels = kept_embeddings(features, cams, 0.25)
     assert SupConLoss(temperature=0.1)(emb, labels).item() == 0.0
