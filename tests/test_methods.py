@@ -1,5 +1,7 @@
-"""Contract tests over the method registry: every registered method builds, steps, predicts."""
+"""Contract tests over the method registry: every registered method builds, steps, predicts, evaluates."""
 
+import copy
+import re
 import warnings
 
 import numpy as np
@@ -8,6 +10,9 @@ import torch
 
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import Task
+
+#: metrics whose values are fractions, in [0, 1]: every metric a method's evaluation reports must be one of these
+UNIT_METRICS = re.compile(r"acc|bca|f1_micro|f1_macro|auroc|wga|gba|miou|miou_fg|fwiou|pixel_acc|iou_\w+")
 
 
 def _batch(n=4, size=32, n_classes=5, seed=0):
@@ -40,12 +45,98 @@ def test_method_contract(name, target):
     assert np.isfinite(logs["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters()))  # the step changed weights
     probs = method.predict(batch)
-    assert torch.all((probs >= 0) & (probs <= 1))
-    if task.target != "mask":
+    assert torch.all((probs >= 0) & (probs <= 1))  # NaN fails this too
+    if task.target == "mask":
+        assert probs.shape == (4, task.n_classes, 32, 32)  # per-pixel class probabilities at the tile's size
+    else:
         assert probs.shape == (4, task.n_outputs)
+    with torch.no_grad():
+        logits = method(batch["image"])  # predict left the method in eval mode
+    if task.multilabel:  # an independent probability per label
+        torch.testing.assert_close(probs, torch.sigmoid(logits))
+    else:  # a distribution over the classes (per pixel for masks)
+        torch.testing.assert_close(probs.sum(1), torch.ones_like(probs.sum(1)))
+        torch.testing.assert_close(probs, logits.softmax(1))
     metrics, _ = method.evaluate_batches([batch], "val")
     assert method.selection_metric in metrics
-    assert all(np.isfinite(v) or np.isnan(v) for v in metrics.values())
+    for key, value in metrics.items():
+        assert key.startswith("val_") and UNIT_METRICS.fullmatch(key.removeprefix("val_")), \
+            f"{key}: not a known metric; add its valid range to this test"
+        assert 0.0 <= value <= 1.0, (key, value)  # every cell of this batch is defined: NaN fails too
+    _assert_non_finite_step_refused(method, name)  # last: the NaN forward spoils BatchNorm's running statistics
+
+
+def _build(name: str, task: Task, **hparams):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, on purpose
+        return build_method(name, {"backbone": "resnet18", "weights": None, **hparams}, task)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].supports(Task("class:1"))))
+def test_binary_evaluate_on_hand_made_predictions(name):
+    """Method.evaluate against values worked out by hand (8 tiles, 2 classes, 4 tissue groups)."""
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.7, 0.3, 0.45, 0.9, 0.4, 0.8])  # -> predictions 0 1 1 0 0 1 0 1
+    probs = np.stack([1 - p1, p1], 1)
+    groups = np.array([0, 0, 1, 1, 1, 2, 2, 3])  # consistent with y: groups 0, 1 have y = 0; 2, 3 have y = 1
+    # Confusion: class 0 has 3 of 5 right (tiles 1, 2 wrong), class 1 has 2 of 3 (tile 6 wrong).
+    #   acc = 5/8; BCA = (3/5 + 2/3) / 2 = 19/30
+    #   F1: class 0 tp 3, fp 1, fn 2 -> 6/9; class 1 tp 2, fp 2, fn 1 -> 4/7; macro (2/3 + 4/7) / 2 = 13/21;
+    #       micro (single-label) = accuracy = 5/8
+    #   AUROC: positive scores .9, .4, .8 against negatives .1 .6 .7 .3 .45 win 5 + 2 + 5 of 15 pairs = 0.8
+    #   groups: 0 -> 1/2, 1 -> 2/3, 2 -> 1/2, 3 -> 1/1; WGA = 1/2, GBA = (1/2 + 2/3 + 1/2 + 1) / 4 = 2/3
+    expected = {"test_acc": 5 / 8, "test_bca": 19 / 30, "test_f1_macro": 13 / 21, "test_f1_micro": 5 / 8,
+                "test_auroc": 0.8, "test_wga": 1 / 2, "test_gba": 2 / 3}
+    method = _build(name, Task("class:1", 5))
+    out = method.evaluate(y, probs, groups, prefix="test")
+    assert {k: out.get(k) for k in expected} == pytest.approx(expected, abs=1e-12)
+    for unset in (None, np.where(groups == 3, -1, groups)):  # no groups, or some tiles without one: no WGA/GBA
+        out = method.evaluate(y, probs, unset, prefix="test")
+        assert "test_wga" not in out and "test_gba" not in out
+        assert out["test_bca"] == pytest.approx(19 / 30, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].supports(Task("labels", 4))))
+def test_multilabel_evaluate_on_hand_made_predictions(name):
+    """Method.evaluate for target "labels" (3 labels, threshold 0.5) against values worked out by hand."""
+    targets = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [1, 0, 0]], np.float32)
+    probs = np.array([[0.9, 0.2, 0.4], [0.1, 0.8, 0.3], [0.6, 0.3, 0.1], [0.3, 0.7, 0.2]])
+    # predictions [1 0 0], [0 1 0], [1 0 0], [0 1 0]: only tile 1 has every label right -> acc (exact match) 1/4
+    # label 0: t 1 0 1 1, p 1 0 1 0 -> tp 2 fn 1 fp 0 tn 1: BCA (2/3 + 1) / 2 = 5/6, F1 4/5
+    # label 1: t 0 1 1 0, p 0 1 0 1 -> tp 1 fn 1 fp 1 tn 1: BCA 1/2, F1 2/4
+    # label 2: t 1 0 0 0, p 0 0 0 0 -> tp 0 fn 1 fp 0 tn 3: BCA (0 + 1) / 2 = 1/2, F1 0
+    # BCA = mean over labels (5/6 + 1/2 + 1/2) / 3 = 11/18; F1 macro (4/5 + 1/2 + 0) / 3 = 13/30;
+    # F1 micro: tp 3, fp 1, fn 3 -> 6 / 10
+    expected = {"val_acc": 1 / 4, "val_bca": 11 / 18, "val_f1_macro": 13 / 30, "val_f1_micro": 0.6}
+    out = _build(name, Task("labels", 4)).evaluate(targets, probs)
+    assert {k: out.get(k) for k in expected} == pytest.approx(expected, abs=1e-12)
+
+
+def _assert_non_finite_step_refused(method, name: str) -> None:
+    """A step on a batch whose loss is NaN raises naming the method and moves neither weights nor optimizer state."""
+    bad = _batch(seed=2)
+    bad["image"][0, 0, 0, 0] = float("nan")  # one NaN pixel: the loss is NaN (BatchNorm spreads it over the batch)
+    if method.needs_balanced_stream:
+        bad["balanced"] = _batch(seed=3)
+    assert method.optimizer.state  # a step was taken: AdamW's moments would move weights even at zero gradient
+    weights = [p.detach().clone() for p in method.parameters()]
+    optimizer = copy.deepcopy(method.optimizer.state_dict()["state"])
+    with pytest.raises(FloatingPointError, match=re.escape(f"method {name!r}: non-finite loss")):
+        method.step(bad)
+    for (key, p), before in zip(method.named_parameters(), weights):
+        assert torch.equal(p, before), key  # bitwise; NaN is never equal
+    after = method.optimizer.state_dict()["state"]
+    assert after.keys() == optimizer.keys()
+    for i, state in optimizer.items():
+        assert all(torch.equal(torch.as_tensor(after[i][k]), torch.as_tensor(v)) for k, v in state.items()), i
+
+
+def test_naive_gerne_step_on_a_non_finite_loss_raises_and_leaves_the_weights():
+    """GERNE's two-pass step (``fused=False``) has its own optimizer step: the same refusal as ``Method.step``."""
+    method = _build("gerne", Task("class:1", 5), lr=1e-2, fused=False)
+    method.step({**_batch(), "balanced": _batch(seed=1)})
+    _assert_non_finite_step_refused(method, "gerne")
 
 
 def test_erm_loss_is_cross_entropy_of_its_logits():

@@ -145,10 +145,13 @@ def train_loop_per_worker(config: dict) -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    _seed_everything(cfg.seed + rank)
+    _maybe_hold(cfg.name)
+    # Every rank builds the same initial weights (steps average gradients, never weights), then draws its own stream.
+    _seed_everything(cfg.seed)
     device = ray.train.torch.get_device()
     method = build_method(cfg.method, cfg.hparams, Task(cfg.target, config["n_classes"])).to(device)
     method.class_names = config.get("class_names")
+    _seed_everything(cfg.seed + rank)
 
     start_epoch, best = 0, None
     ckpt = ray.train.get_checkpoint()
@@ -172,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
         balanced = sampler.batches(cfg.batch_size, method.balanced_weights(sampler.counts))
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        t0, logs, n = time.perf_counter(), [], 0
+        t0, logs, n, rows = time.perf_counter(), [], 0, []
         for i, batch in enumerate(torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)):
             if cfg.steps_per_epoch and i >= cfg.steps_per_epoch:
                 break
@@ -181,10 +184,16 @@ def train_loop_per_worker(config: dict) -> None:
             logs.append(method.step(to_device(batch, device)))
             _maybe_inject_fault(epoch, rank)
             n += len(batch["image"])
+            if "slide_id" in batch:  # the row keys are read only for HISTOWEAK_WORKER_TRACE (see fit)
+                rows += zip(batch["slide_id"], batch["x"].tolist(), batch["y"].tolist())
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean([l["loss"] for l in logs])) if logs else float("nan"),
                                      "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9),
                                      "train_steps_per_s": len(logs) / max(time.perf_counter() - t0, 1e-9),
-                                     "resumed_from_epoch": start_epoch}
+                                     "resumed_from_epoch": start_epoch,
+                                     # every rank's weights after this epoch's steps: equal on all ranks
+                                     "param_checksum": float(sum(p.detach().double().sum().item()
+                                                                 for p in method.parameters()))}
+        _maybe_trace_worker(epoch, rank, metrics["param_checksum"], rows)
         if rank == 0:
             metrics.update(evaluate(method, torch_batches(val_shard, batch_size=cfg.batch_size), "val"))
             score = metrics.get(sel, float("nan"))
@@ -210,6 +219,34 @@ def _maybe_inject_fault(epoch: int, rank: int) -> None:
     if kill_at is not None and marker and int(kill_at) == epoch and rank == 0 and not os.path.exists(marker):
         Path(marker).touch()
         os.kill(os.getpid(), 9)
+
+
+def _maybe_hold(name: str) -> None:
+    """Sweep testing: with ``HISTOWEAK_HOLD_DIR=<dir>`` (through ``TrainConfig.worker_env``) a run records that it
+    started (``<dir>/started-<name>``) and, when another run started before it, waits for ``<dir>/release``:
+    a test can then interrupt a sweep while its second trial is certainly running, without guessing times."""
+    hold = os.environ.get("HISTOWEAK_HOLD_DIR")
+    if not hold:
+        return
+    Path(hold, f"started-{name}").touch()
+    while len(list(Path(hold).glob("started-*"))) > 1 and not Path(hold, "release").exists():
+        time.sleep(0.2)
+
+
+def _maybe_trace_worker(epoch: int, rank: int, param_checksum: float, rows: list) -> None:
+    """Distributed-training diagnostics: what each rank did, when the environment asks for it.
+
+    ``HISTOWEAK_WORKER_TRACE=<directory>`` (set through ``TrainConfig.worker_env``): every rank
+    appends one JSON line per epoch to ``<directory>/rank<r>.jsonl`` with its ``param_checksum``
+    and the keys ``[slide_id, x, y]`` of the training rows it stepped on (Ray Train keeps only
+    rank 0's reported metrics).
+    """
+    directory = os.environ.get("HISTOWEAK_WORKER_TRACE")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        line = {"epoch": epoch, "rank": rank, "param_checksum": param_checksum, "rows": [list(r) for r in rows]}
+        with open(Path(directory) / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 class MlflowMetricsCallback(UserCallback):
@@ -249,6 +286,8 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
         resources = {"CPU": plan.cpus_per_worker}
     method_cls = METHODS[config.method]
     cols = list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns]))
+    if "HISTOWEAK_WORKER_TRACE" in config.worker_env:  # the trace names the rows each rank trained on
+        cols += ["slide_id", "x", "y"]
     train_ds = read_tiles(tile_table, split="train", columns=cols)
     train_ds = augment_dataset(train_ds) if config.augment else train_ds
     val_ds = read_tiles(tile_table, split="val", columns=_eval_columns(method_cls))

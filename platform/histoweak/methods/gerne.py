@@ -109,10 +109,12 @@ class GERNE(ERM):
         loss_b = self.criterion(self(batch["image"]), self.task.targets(batch))
         g_b = torch.autograd.grad(loss_b, params, allow_unused=True)
         beta = self.hparams.beta
+        loss = gerne_loss(loss_lb.detach(), loss_b.detach(), beta)
+        if not torch.isfinite(loss):  # as Method.step: refuse before any gradient reaches the weights
+            raise FloatingPointError(f"method {self.name!r}: non-finite loss {loss.item()}")
         for p, a, b in zip(params, g_lb, g_b):
             if a is not None:
                 p.grad = a + beta * (a - b) if b is not None else (1 + beta) * a
         average_gradients(self)
         self.optimizer.step()
-        loss = gerne_loss(loss_lb.detach(), loss_b.detach(), beta)
         return {"loss": float(loss), "loss_b": float(loss_b.detach()), "loss_lb": float(loss_lb.detach())}
