@@ -53,9 +53,20 @@ def test_bad_search_space_fails_the_job_before_any_work(tmp_path):
 
 
 def test_shipped_search_spaces_are_valid():
-    for path in (REPO / "search_spaces").glob("*.yaml"):
-        space = load_search_space(path)
-        space.with_overrides(space.smoke)
+    from histoweak.data.synthetic import PRESETS
+    from histoweak.tune import n_trials
+
+    paths = sorted((REPO / "search_spaces").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"erm", "gerne", "gerne-erm", "pscl"}
+    names = []
+    for path in paths:
+        space = load_search_space(path)  # validates every key and builds a TrainConfig from its settings
+        smoke = space.with_overrides(space.smoke)
+        assert n_trials(smoke) <= n_trials(space), path  # the smoke test is the small one
+        if space.data:  # an embedded dataset must exist
+            assert space.data.startswith("synthetic:") and space.data.split(":", 1)[1] in PRESETS, path
+        names.append(space.name)
+    assert len(names) == len(set(names)), names  # one MLflow experiment per sweep
 
 
 def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_path, mlflow_server, monkeypatch):
@@ -106,8 +117,11 @@ def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    space = _write(tmp_path, name="erm-resume", num_samples=3, scheduler={"type": "fifo"},
-                   train={"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "target": "class:1"})
+    hold = tmp_path / "hold"  # the second trial waits here until released: interrupted while surely running
+    hold.mkdir()
+    space = _write(tmp_path, name="erm-resume", num_samples=3, scheduler={"type": "fifo"}, max_concurrent_trials=1,
+                   train={"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "target": "class:1",
+                          "worker_env": {"HISTOWEAK_HOLD_DIR": str(hold)}})
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     cmd = [sys.executable, str(REPO / "jobs" / "tune_erm.py"), str(space), "--data", str(tile_table), "--no-progress"]
@@ -125,18 +139,19 @@ def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path
     client = MlflowClient(store)
     deadline = time.time() + 400
     while time.time() < deadline and first.poll() is None:
-        if (tmp_path / "mlruns.db").exists() and len(finished_children(client)[1]) >= 1:
+        if len(list(hold.glob("started-*"))) >= 2 and len(finished_children(client)[1]) >= 1:
             break
-        time.sleep(2)
-    assert first.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(1)
+    assert first.poll() is None and len(list(hold.glob("started-*"))) == 2, first.stdout.read()[-3000:]
     first.send_signal(signal.SIGINT)
     try:
         first.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert len(finished_children(client)[1]) < 3
+    assert len(finished_children(client)[1]) == 1
 
+    (hold / "release").touch()
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming sweep" in again.stdout
@@ -153,15 +168,32 @@ def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
 
 
-def test_verbose_brings_rays_logs_back(tile_table, tmp_path):
-    """`histoweak train --verbose`: Ray Data's execution plans and Ray Train's reports reach the console."""
-    from histoweak._ray import CONSOLE_ENV
+def test_asha_stopped_trials_end_killed_and_are_scored_on_test(tile_table, ray_local, tmp_path, monkeypatch):
+    """The ASHA path: trials the scheduler stops end KILLED in MLflow, and their best checkpoint is still
+    scored on test, so every leaderboard row has test metrics (max_t = 1 stops each after its first epoch)."""
+    from mlflow.tracking import MlflowClient
 
-    env = {k: v for k, v in os.environ.items() if k not in CONSOLE_ENV}  # as in a fresh shell
-    proc = subprocess.run([sys.executable, "-m", "histoweak.cli", "train", "--smoke-test", "--verbose",
-                           "--data", str(tile_table)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    console = proc.stdout + proc.stderr
-    assert "Execution plan of Dataset" in console and "Reporting training result" in console
-    assert "best erm checkpoint" in proc.stdout
+    store = f"sqlite:///{tmp_path / 'asha.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    space = load_search_space(REPO / "search_spaces" / "erm.yaml").with_overrides(
+        {"name": "erm-asha", "num_samples": 1, "scheduler": {"type": "asha", "grace_period": 1, "max_t": 1},
+         "train.epochs": 2, "train.steps_per_epoch": 2, "train.batch_size": 8, "hparams.weight_decay": 0.0}
+    ).with_params({"hparams.lr": {"grid": [3.0e-3, 1.0e-4]}})
+    rows = run_sweep(space, str(tile_table), 5, storage=tmp_path / "rr", progress=False)
+    assert len(rows) == 2
+    client = MlflowClient(store)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("erm-asha").experiment_id])}
+    for row in rows:
+        assert row["stopped_after_epoch"] == 0 and 0.0 <= row["test_bca"] <= 1.0
+        run = runs[row["trial"]]
+        assert run.info.status == "KILLED"
+        assert run.data.metrics["test_bca"] == pytest.approx(row["test_bca"])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_bca")] == [0]  # one epoch ran
+        assert "test_confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        ckpt = Path(row["best_checkpoint"])
+        assert ckpt.is_relative_to(tmp_path / "rr") and (ckpt / "state.pt").is_file()
+
+
+def test_bad_scheduler_values_fail_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"'scheduler.max_t': must be an integer >= 1"):
+        load_search_space(_write(tmp_path, scheduler={"type": "asha", "max_t": 0}))
