@@ -129,6 +129,7 @@ def test_dataset_hash_is_computed_from_the_table(finished, other_table, tmp_path
     assert tracking.dataset_hash(tmp_path / "missing") == "unknown"
 
 
+@pytest.mark.slow  # trains one more trial; the decision itself is tested in the default suite
 def test_other_data_runs_a_new_sweep_on_that_data(finished, other_table):
     before = _sweeps(finished.store)
     printed = _tune(str(finished.space), "--data", str(other_table), "--storage", str(finished.storage),
@@ -162,6 +163,7 @@ def test_other_store_gets_the_finished_trials_from_ray_records(finished):
     assert "leaderboard.csv" in {a.path for a in MlflowClient(store_b).list_artifacts(parent)}
 
 
+@pytest.mark.slow  # trains one more trial; the decision itself is tested in the default suite
 def test_restart_runs_the_same_sweep_afresh(finished):
     before = _sweeps(finished.store)
     printed = _tune(str(finished.space), "--data", str(finished.table), "--storage", str(finished.storage),

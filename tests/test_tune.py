@@ -69,6 +69,7 @@ def test_shipped_search_spaces_are_valid():
     assert len(names) == len(set(names)), names  # one MLflow experiment per sweep
 
 
+@pytest.mark.slow  # its checks are covered by test_mlflow_ui (REST), test_sweep_identity and test_cli
 def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_path, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
