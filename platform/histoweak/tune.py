@@ -546,6 +546,7 @@ def _score_stopped_trials(grid, space: SearchSpace, ctx: dict, uri: str) -> None
         if run_id:
             tracking.log_metrics(run_id, test, step=cfg.epochs, uri=uri)
             _log_test_figures(run_id, uri, pred, cfg.target, cfg.group_tau, ctx.get("class_names"))
+            tracking.end_run(run_id, "KILLED", uri)  # stopped by the scheduler (its trial may have ended it FAILED)
         m.update({**test, "stopped_after_epoch": int(df["epoch"].max()), "best_checkpoint": best_path,
                   "mlflow_run_id": run_id})
 
