@@ -1,4 +1,6 @@
-"""Public weakly-supervised segmentation datasets as histoweak tile tables.
+"""Public datasets as histoweak tile tables: patch datasets converted directly (``convert_source``), slide and
+image datasets with masks or annotations prepared for the tiler (``prepare_slide_source``: BACH, Gleason2019,
+DigestPath2019).
 
 Each registered source reads one dataset's documented on-disk layout and
 writes the tile table the rest of histoweak trains on::
@@ -15,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from histoweak.data.sources import bcss_wsss, luad_histoseg  # noqa: F401 — importing registers them
+from histoweak.data.sources._slides import SLIDE_SOURCES, prepare_slide_source
 from histoweak.data.sources._patches import (
     MASK_INDEX_TO_CLASS, ROWS_PER_FILE, SOURCES, ConversionReport, PatchDataset, SourceError, convert_patch_dataset,
     get_source, mask_to_classes, parse_label,
@@ -23,6 +26,7 @@ from histoweak.data.sources._patches import (
 __all__ = [
     "MASK_INDEX_TO_CLASS",
     "ROWS_PER_FILE",
+    "SLIDE_SOURCES",
     "SOURCES",
     "ConversionReport",
     "PatchDataset",
@@ -31,6 +35,7 @@ __all__ = [
     "get_source",
     "mask_to_classes",
     "parse_label",
+    "prepare_slide_source",
 ]
 
 
