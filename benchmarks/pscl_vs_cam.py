@@ -42,7 +42,8 @@ def main(argv=None) -> dict:
 
     from histoweak._ray import init_ray
     from histoweak.data.defaults import default_tile_table, n_classes_of
-    from histoweak.train import TrainConfig, fit, write_pseudo_labels
+    from histoweak.methods.pscl import write_pseudo_labels
+    from histoweak.train import TrainConfig, fit
 
     knobs = {} if args.partial is None else {"partial": args.partial}
     table = str(default_tile_table(preset="wsss", **knobs))

@@ -177,7 +177,8 @@ def test_pscl_stage1_loads_a_real_checkpoint_and_refuses_the_payload(payload, tm
 def test_pseudo_labels_and_scoring_read_a_real_checkpoint_and_refuse_the_payload(payload, tile_table, tmp_path):
     import ray.train
 
-    from histoweak.train import score_checkpoint, write_pseudo_labels
+    from histoweak.methods.pscl import write_pseudo_labels
+    from histoweak.train import score_checkpoint
 
     _pscl_stage1(tmp_path / "stage1")
     out = write_pseudo_labels(str(tmp_path / "stage1"), str(tile_table), str(tmp_path / "pseudo"), 5, batch_size=8,

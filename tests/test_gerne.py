@@ -162,11 +162,11 @@ def test_batch_shares_and_blend():
         with pytest.raises(ValueError, match="weights"):
             shares(8, bad)
     counts = {0: 600, 1: 300, 2: 60, 3: 40}
-    balanced = _method(1.0, blend=1.0).balanced_weights(counts)
+    balanced = _method(1.0, blend=1.0).stream_weights("balanced", counts)
     assert all(w == pytest.approx(0.25) for w in balanced.values())
-    natural = _method(1.0, blend=0.0).balanced_weights(counts)
+    natural = _method(1.0, blend=0.0).stream_weights("balanced", counts)
     assert [natural[g] for g in range(4)] == pytest.approx([0.6, 0.3, 0.06, 0.04])
-    half = _method(1.0, blend=0.5).balanced_weights(counts)
+    half = _method(1.0, blend=0.5).stream_weights("balanced", counts)
     assert half[3] == pytest.approx(0.5 * 0.25 + 0.5 * 0.04)
     with pytest.raises(ValueError, match="blend"):
         _method(1.0, blend=1.5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from histoweak.methods import METHODS, build_method
-from histoweak.methods.base import Task
+from histoweak.methods.base import RunInfo, Task
 
 #: metrics whose values are fractions, in [0, 1]: every metric a method's evaluation reports must be one of these
 UNIT_METRICS = re.compile(r"acc|bca|f1_micro|f1_macro|auroc|wga|gba|miou|miou_fg|fwiou|pixel_acc|iou_\w+")
@@ -25,6 +25,29 @@ def _batch(n=4, size=32, n_classes=5, seed=0):
             "label": torch.tensor([0, 1, 0, 1][:n]), "group": torch.arange(n) % 2}
 
 
+def _meta(columns):
+    """The training split's metadata of a made-up table: 40 tiles of one or two classes, for ``data_plan``."""
+    rng = np.random.default_rng(0)
+    ratios = np.zeros((40, 5), np.float32)
+    for i in range(40):
+        a, b = rng.choice(5, 2, replace=False)
+        ratios[i, a] = 1.0 if i % 2 else 0.6
+        ratios[i, b] += 1.0 - ratios[i, a]
+    return {"slide_id": np.asarray([f"s{i % 3}" for i in range(40)], object), "x": np.arange(40) * 128,
+            "y": np.zeros(40, np.int64), "class_ratios": ratios, "label": np.full(40, -1),
+            "labels": (ratios > 0).astype(np.float32), "tissue_ratio": 1 - ratios[:, 0]}
+
+
+def _with_streams(method, batch: dict, seed: int) -> dict:
+    """``batch`` plus the extra batches the method's data plan draws beside it (e.g. GERNE's ``balanced``)."""
+    plan = type(method).data_plan(method.hparams, RunInfo(method.task.target, method.task.n_classes, group_tau=0.5,
+                                                          meta=_meta))
+    method.set_data_state(plan.state)
+    for i, key in enumerate(plan.extra):
+        batch[key] = _batch(seed=seed + 1 + i)
+    return batch
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("target", ["class:1", "labels", "mask"])
 def test_method_contract(name, target):
@@ -37,9 +60,7 @@ def test_method_contract(name, target):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(name, {"backbone": "resnet18", "weights": None, "lr": 1e-2}, task)
-    batch = _batch()
-    if method.needs_balanced_stream:
-        batch["balanced"] = _batch(seed=1)
+    batch = _with_streams(method, _batch(), seed=0)
     before = [p.detach().clone() for p in method.parameters()]
     logs = method.step(batch)
     assert np.isfinite(logs["loss"])
@@ -117,8 +138,7 @@ def _assert_non_finite_step_refused(method, name: str) -> None:
     """A step on a batch whose loss is NaN raises naming the method and moves neither weights nor optimizer state."""
     bad = _batch(seed=2)
     bad["image"][0, 0, 0, 0] = float("nan")  # one NaN pixel: the loss is NaN (BatchNorm spreads it over the batch)
-    if method.needs_balanced_stream:
-        bad["balanced"] = _batch(seed=3)
+    bad = _with_streams(method, bad, seed=2)
     assert method.optimizer.state  # a step was taken: AdamW's moments would move weights even at zero gradient
     weights = [p.detach().clone() for p in method.parameters()]
     optimizer = copy.deepcopy(method.optimizer.state_dict()["state"])

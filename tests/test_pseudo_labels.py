@@ -23,7 +23,8 @@ from histoweak.checkpoint import save_checkpoint
 from histoweak.methods import build_method
 from histoweak.methods.base import Task
 from histoweak.methods.pscl import PSCL
-from histoweak.train import TrainConfig, write_pseudo_labels
+from histoweak.methods.pscl import write_pseudo_labels
+from histoweak.train import TrainConfig
 
 HPARAMS = {"backbone": "resnet18", "weights": None, "lam": 0.1, "max_pixels": None}
 BATCH = 3  # small, so a file's train rows are labelled in several batches with a remainder

@@ -1,4 +1,4 @@
-"""The ``histoweak`` command: ``synth``, ``tile``, ``import``, ``train``, ``tune``, ``report``, ``analyze``."""
+"""The ``histoweak`` command: ``synth``, ``tile``, ``import``, ``train``, ``tune``, ``report``, ``analyze``, ``predict``."""
 
 from __future__ import annotations
 
@@ -165,11 +165,43 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from histoweak.data.sources import convert_source
+    """A patch dataset -> tile table; a slide dataset -> ``<out>/_prepared/`` (slides.csv, masks) -> tiled into ``<out>``.
 
-    report = convert_source(args.source, args.root, args.out, progress=True)
-    print(f"{report.n_tiles} tiles {report.tiles} -> {Path(args.out).resolve()}")
-    return 0
+    The preparation is reused when ``<out>/_prepared/source.json`` names the same source and root, so a failed
+    or interrupted tiling resumes by running the same command again.
+    """
+    import json
+
+    from histoweak.data.sources import SLIDE_SOURCES, convert_source, prepare_slide_source
+
+    if args.source not in SLIDE_SOURCES:
+        if args.tiling:
+            raise ValueError(f"{args.source} is a patch dataset, converted without tiling; the options "
+                             f"{' '.join(args.tiling)} apply to slide datasets ({', '.join(sorted(SLIDE_SOURCES))})")
+        report = convert_source(args.source, args.root, args.out, progress=True)
+        print(f"{report.n_tiles} tiles {report.tiles} -> {Path(args.out).resolve()}")
+        return 0
+    source = SLIDE_SOURCES[args.source]
+    out = Path(args.out)
+    prepared = out / "_prepared"  # "_": Parquet readers of <out> skip it, as they skip _manifest.json
+    tiler = argparse.ArgumentParser(prog=f"histoweak import {args.source}",
+                                    usage=f"%(prog)s ROOT OUT [histoweak tile options]")
+    add_tiling_arguments(tiler)
+    tiler.set_defaults(tissue_source=source.tissue_source)
+    tile_args = tiler.parse_args([str(prepared / "slides.csv"), str(out), "--source", args.source, *args.tiling])
+    manifest = prepared / "source.json"
+    previous = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    recorded = Path(previous.get("root", "/nonexistent"))  # the dataset folder: ROOT, or the archive's folder in it
+    if previous.get("source") == args.source and Path(args.root).resolve() in (recorded, recorded.parent):
+        print(f"using the dataset prepared earlier in {prepared.resolve()}")
+    else:
+        prepare_slide_source(args.source, args.root, prepared)
+        counts = json.loads(manifest.read_text())["counts"]
+        print(f"{counts['slides']} images ({counts['with_mask']} with masks; {counts['by_split']})"
+              f" -> {prepared.resolve()}")
+    print(f"tiling, as `histoweak tile {prepared / 'slides.csv'} {out} --source {args.source} "
+          f"--tissue-source {tile_args.tissue_source}{''.join(' ' + a for a in args.tiling)}`")
+    return run_tiling(tile_args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,6 +293,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.table1:
         return _report_table1(args.experiment or ["gerne", "gerne-erm"])
+    if args.fig5:
+        return _report_fig5(args.experiment[-1] if args.experiment else "segcls", args.out)
     parent, children = tracking.latest_sweep(args.experiment[-1] if args.experiment else None)
     metric = parent.data.params.get("metric", "val_bca")
     key = f"best_{metric}"
@@ -298,6 +332,37 @@ def _report_table1(experiments: list[str]) -> int:
     if not taus:
         raise ValueError(f"no finished ERM/GERNE runs with a group threshold in {experiments}")
     print(format_table1(cells, taus, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)}"))
+    return 0
+
+
+def _report_fig5(experiment: str, out: str | None) -> int:
+    """Ciga & Martel's Fig. 5 and Table D.5 from the newest sweep of ``experiment``, logged to that sweep's run."""
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, tracking
+    from histoweak.report import FIG5_METRICS, fig5_cells, fig5_relative, format_table_d5
+
+    parent, children = tracking.latest_sweep(experiment)
+    runs = [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    cells = fig5_cells(runs)
+    if not cells:
+        raise ValueError(f"no finished segcls runs in the newest sweep of {experiment!r}")
+    table = format_table_d5(cells, title=f"Table D.5 layout, sweep {parent.info.run_name} ({experiment})")
+    print(table)
+    try:
+        plotted, relative = fig5_relative(cells), True
+    except ValueError as exc:
+        print(f"histoweak report: {exc}; Fig. 5 shows raw values")
+        plotted, relative = cells, False
+    fig = figures.fig5_figure(plotted, FIG5_METRICS, relative, f"Fig. 5 layout: {experiment}, test split")
+    path = Path(out or f"fig5-{experiment}.png")
+    fig.savefig(path, dpi=110)
+    run_id, uri = parent.info.run_id, tracking.tracking_uri()
+    tracking.log_figure(run_id, fig, "fig5.png", uri)
+    plt.close(fig)
+    tracking.log_table(run_id, [{"setting": st, "s": s, "metric": k, "values": " ".join(f"{v:.4f}" for v in vals)}
+                                for (st, s), c in sorted(cells.items()) for k, vals in c.items()], "table_d5.csv", uri)
+    print(f"figure: {path.resolve()}; logged to the sweep's MLflow run {run_id} (fig5.png, table_d5.csv)")
     return 0
 
 
@@ -356,6 +421,24 @@ def _num(v: str):
         return v
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Segment whole slides with a segmentation checkpoint; exit 1 when any slide failed."""
+    from histoweak._ray import configure_console
+
+    configure_console()  # before Ray and MLflow are imported
+    from histoweak import tracking
+    from histoweak.predict import EXPERIMENT, predict_slides
+
+    report = predict_slides(args.checkpoint, args.slides, args.out, masks_dir=args.masks, tile_size=args.tile_size,
+                            stride=args.stride, level=args.level, batch_size=args.batch_size, address=args.address)
+    for line in report.result_lines():
+        print(line)
+    print(f"MLflow: {tracking.tracking_uri()} (experiment {EXPERIMENT!r}, run {report.run_id})")
+    for line in report.summary_lines():
+        print(line, file=sys.stderr)
+    return 1 if report.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from histoweak.data.sources import SOURCES
     from histoweak.data.synthetic import PRESETS
@@ -378,10 +461,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiling_arguments(p)
     p.set_defaults(func=run_tiling)
 
-    p = sub.add_parser("import", help="turn a public patch dataset (LUAD-HistoSeg, BCSS-WSSS) into a tile table")
-    p.add_argument("source", choices=sorted(SOURCES), help="which dataset layout to read")
-    p.add_argument("root", help="the dataset's folder (train/ or training/, val/, test/)")
+    from histoweak.data.sources._slides import SLIDE_SOURCES
+
+    p = sub.add_parser("import", help="turn a public dataset into a tile table: patch datasets (LUAD-HistoSeg, "
+                                      "BCSS-WSSS) directly, slide datasets (BACH, Gleason2019, DigestPath2019) "
+                                      "prepared into <out>/_prepared/ (slides.csv, masks) then tiled")
+    p.add_argument("source", choices=sorted([*SOURCES, *SLIDE_SOURCES]), help="which dataset layout to read")
+    p.add_argument("root", help="the dataset's folder, in the layout its adapter documents (patch datasets: "
+                                "train/ or training/, val/, test/)")
     p.add_argument("out", help="the tile table to write (must not exist or be empty)")
+    p.add_argument("tiling", nargs=argparse.REMAINDER, metavar="TILING OPTIONS",
+                   help="slide datasets only: any `histoweak tile` option, e.g. --tile-size 256 --level 0 "
+                        "(see histoweak tile -h); --tissue-source defaults to the dataset's (detector)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("train", help="train one method with Ray Train")
@@ -408,7 +499,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default: report-<experiment>.png)")
     p.add_argument("--table1", action="store_true",
                    help="GERNE's Table 1 (WGA/BCA per tau, mean ± std over seeds) from the gerne and gerne-erm sweeps")
+    p.add_argument("--fig5", action="store_true",
+                   help="Ciga & Martel's Fig. 5 and Table D.5 (segcls: F1/mIoU vs s per setting) from the newest "
+                        "sweep of --experiment (default segcls), logged to its MLflow run")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="segment whole slides with a segmentation checkpoint: class masks, overlays, "
+                                       "GeoJSON, and metrics against ground truth, recorded in MLflow")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR",
+                   help="a checkpoint directory (state.pt + config.json) of a segmentation method, or the MLflow run "
+                        "id of a trial (its best_checkpoint tag)")
+    p.add_argument("slides", help="directory, glob pattern, or CSV (slide_id,path[,mask_path,...]) of the slides")
+    p.add_argument("out", help="output directory: <slide_id>_mask.tiff, <slide_id>_overlay.png, <slide_id>.geojson")
+    p.add_argument("--masks", default=None,
+                   help="directory of ground-truth class-index masks named <slide stem>.tiff or .png (a CSV's "
+                        "mask_path column also counts): per-slide pixel F1 and mIoU")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="tile side in pixels of the level (default: the checkpoint's tiling, else 224)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="step between tiles, at most the tile size (default: a quarter tile of overlap)")
+    p.add_argument("--level", type=int, default=None,
+                   help="pyramid level to predict at; the masks are at this level (default: the checkpoint's tiling, else 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per model call (default: %(default)s)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("analyze", help="tiles per group (y, tissue >= tau) per split; GERNE's Fig. 1 for a checkpoint")
     p.add_argument("--data", default="synthetic:gerne", help="tile table or synthetic:<preset> (default: %(default)s)")

@@ -8,8 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["cam_histogram_figure", "cam_overlay_figure", "confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
-           "shortcut_figure", "stage2_prediction_figure"]
+__all__ = ["cam_histogram_figure", "cam_overlay_figure", "classification_test_figures", "confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
+           "segmentation_samples_figure", "shortcut_figure", "stage2_prediction_figure", "fig5_figure"]
 
 
 def confusion_matrix_figure(cm: np.ndarray, labels: list[str]):
@@ -161,11 +161,21 @@ def stage2_prediction_figure(samples: dict, class_names: list[str], title: str =
 
     samples : ``image`` (N of (H, W, 3) uint8), ``mask``, ``pseudo`` and ``pred`` (N of (H, W) class indices),
         as from ``PSCLSegmentation.evaluate_batches``; without ``pseudo`` (no stage-1 model) that column is left out.
+    """
+    return segmentation_samples_figure(samples, class_names, title, {"pseudo": "stage-1 pseudo-label",
+                                                                     "pred": "stage-2 prediction"})
+
+
+def segmentation_samples_figure(samples: dict, class_names: list[str], title: str = "",
+                                labels: dict[str, str] | None = None):
+    """Fixed tiles, one row each: image | ground truth | each label map of ``samples`` (e.g. the prediction).
+
+    samples : ``image`` (N of (H, W, 3) uint8), ``mask`` and other (N of (H, W) class indices) maps
+    labels : column titles of the maps after ``image`` and ``mask``, in order (default: ``{"pred": "prediction"}``)
     Classes in ``cam_overlay_figure``'s colours, with a legend of ``class_names``.
     """
-    columns = [(k, name) for k, name in (("image", "image"), ("mask", "ground truth"),
-                                         ("pseudo", "stage-1 pseudo-label"), ("pred", "stage-2 prediction"))
-               if k in samples]
+    labels = {"image": "image", "mask": "ground truth", **(labels or {"pred": "prediction"})}
+    columns = [(k, name) for k, name in labels.items() if k in samples]
     n, colours = len(samples["image"]), _class_colours(len(class_names))
     legend_rows = -(-len(class_names) // 5)
     height = 1.8 * n + 0.3 * legend_rows + (0.4 if title else 0.1)
@@ -202,5 +212,103 @@ def cam_histogram_figure(hist: np.ndarray, class_names: list[str], title: str = 
         if c == 0:
             ax.set_ylabel("fraction of pixels")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def classification_test_figures(pred: dict, target: str, tau: float | None = None) -> dict:
+    """A classifier's pictures on test: confusion matrix and, with groups, accuracy per group and the
+    shortcut analysis (correct/incorrect per tissue-ratio bin), from ``predict_split``'s predictions."""
+    from histoweak import metrics
+    from histoweak.methods.base import GROUP_NAMES
+
+    out = {}
+    if not pred or "probs" not in pred or pred["probs"].ndim != 2 or target == "labels":
+        return out
+    y, p = pred["targets"], pred["probs"].argmax(1)
+    k = pred["probs"].shape[1]
+    out["test_confusion_matrix.png"] = confusion_matrix_figure(metrics.confusion_matrix(y, p, k),
+                                                               [f"{target}={i}" for i in range(k)])
+    if (pred["groups"] >= 0).all():
+        accs = metrics.group_accuracies(y, p, pred["groups"])
+        out["test_group_accuracy.png"] = group_accuracy_figure(
+            {GROUP_NAMES[g].replace(", ", "\n") if tau is not None else g: a for g, a in accs.items()},
+            "test accuracy per group")
+    if tau is not None and target.startswith("class:") and "class_ratios" in pred:
+        out["test_shortcut_analysis.png"] = shortcut_figure(
+            pred, int(target.split(":")[1]), tau, title="test split, best checkpoint: correct and incorrect predictions per bin")
+    return out
+
+
+def class_overlay(rgb: np.ndarray, mask: np.ndarray, n_classes: int, alpha: float = 0.45) -> np.ndarray:
+    """``rgb`` with each pixel of a class other than background (0) tinted in that class's colour.
+
+    Parameters
+    ----------
+    rgb : (h, w, 3) uint8, e.g. a slide thumbnail
+    mask : (H, W) int class indices over the same area, resized to (h, w) by nearest neighbour
+    n_classes : classes including background (the colours of ``cam_overlay_figure``)
+
+    Returns
+    -------
+    (h, w, 3) uint8
+    """
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    labels = np.asarray(Image.fromarray(np.asarray(mask, np.uint8)).resize((w, h), Image.Resampling.NEAREST))
+    colours = _class_colours(n_classes).astype(np.float32)
+    tint = (1 - alpha) * rgb.astype(np.float32) + alpha * colours[labels]
+    return np.where((labels > 0)[..., None], tint, rgb).round().astype(np.uint8)
+
+
+def overlay_figure(rgb: np.ndarray, mask: np.ndarray, class_names: list[str], title: str = ""):
+    """A slide's thumbnail beside the same thumbnail with its predicted classes coloured (``class_overlay``),
+    with a legend of ``class_names``."""
+    from matplotlib.patches import Patch
+
+    colours = _class_colours(len(class_names))
+    h, w = rgb.shape[:2]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 9 * h / (2 * w) + 0.8))
+    axes[0].imshow(rgb)
+    axes[0].set_title("slide", fontsize=9)
+    axes[1].imshow(class_overlay(rgb, mask, len(class_names)))
+    axes[1].set_title("predicted classes", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(facecolor=colours[c] / 255, edgecolor="0.4", label=name) for c, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(class_names), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+__all__ += ["class_overlay", "overlay_figure"]
+
+
+def fig5_figure(cells: dict, metrics: tuple[tuple[str, str], ...], relative: bool = True, title: str = ""):
+    """Ciga & Martel's Fig. 5: a panel per metric, the metric vs s (%) with a line and a mean ± std band per setting.
+
+    cells : (setting, s) -> {metric: values over seeds} (``report.fig5_cells``, or ``report.fig5_relative``)
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    settings = [x for x in ("S", "S+C", "S+C*") if any(k[0] == x for k in cells)]
+    for ax, (key, label) in zip(axes[0], metrics):
+        for setting, colour in zip(settings, ("tab:blue", "tab:orange", "tab:green")):
+            pts = sorted((s, np.mean(c[key]), np.std(c[key])) for (st, s), c in cells.items() if st == setting and c[key])
+            if not pts:
+                continue
+            s, m, sd = map(np.asarray, zip(*pts))
+            ax.plot(s, m, "o-", color=colour, label=setting, ms=3)
+            ax.fill_between(s, m - sd, m + sd, color=colour, alpha=0.2)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("segmentation patches used, s (%)")
+        ax.set_ylabel(f"{label}{' relative to S at s = 100 %' if relative else ''}", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -16,6 +16,7 @@ __all__ = [
     "auroc",
     "balanced_accuracy",
     "confusion_matrix",
+    "segmentation_scores",
     "f1_scores",
     "fw_iou",
     "group_accuracies",
@@ -155,3 +156,26 @@ def fw_iou(cm: np.ndarray) -> float:
     freq = cm.sum(1) / max(cm.sum(), 1)
     iou = np.nan_to_num(iou_per_class(cm))
     return float((freq * iou).sum())
+
+
+def segmentation_scores(cm: np.ndarray) -> dict[str, float]:
+    """Pixel F1 (macro and the paper's "micro") and mean IoU from a confusion matrix (Ciga & Martel §3.2, eq. 1-3).
+
+    ``f1_macro`` averages the per-class F1 over classes present in truth or prediction. ``f1_micro`` is
+    Ciga & Martel's "micro": the per-class F1 weighted by each class's share of the true pixels ("weighing
+    the scores per ground truth ratios"), i.e. scikit-learn's ``average="weighted"``; both are equal on a
+    two-class problem only when the classes are balanced, as their text notes for F1 itself.
+
+    Parameters
+    ----------
+    cm : (C, C) int, rows = truth, columns = prediction
+    """
+    cm = np.asarray(cm, np.float64)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)  # 2 tp + fp + fn
+    used = denom > 0
+    f1 = np.where(used, 2 * tp / np.where(used, denom, 1), 0.0)
+    support = cm.sum(1)
+    return {"f1_macro": float(f1[used].mean()) if used.any() else float("nan"),
+            "f1_micro": float((f1 * support).sum() / support.sum()) if support.sum() else float("nan"),
+            "miou": mean_iou(cm)}

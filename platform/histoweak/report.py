@@ -13,7 +13,7 @@ import numpy as np
 from histoweak import metrics as M
 from histoweak.methods.base import tissue_groups
 
-__all__ = ["TABLE1_ROWS", "format_leaderboard", "format_table1", "group_counts", "metrics_at_tau", "table1_cells",
+__all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
            "write_csv"]
 
 #: (row label, method, selection metric) in the paper's order
@@ -79,6 +79,30 @@ def group_counts(tile_table: str, target: str, n_classes: int, tau: float) -> di
     split = np.asarray(t.column("split").to_pylist())
     return {s: {int(g): int(((split == s) & (groups == g)).sum()) for g in range(4)}
             for s in ("train", "val", "test") if (split == s).any()}
+
+
+def group_count_artifacts(train: dict, swept: dict[str, dict], tile_table: str, n_classes: int
+                          ) -> tuple[dict, dict[str, list[dict]]]:
+    """Tiles per group and split at every ``group_tau`` a sweep uses (fixed in ``train`` or a choice/grid in
+    ``swept``): a figure and a table per threshold, named ``group_counts_tau<tau>``."""
+    from histoweak import figures
+    from histoweak.methods.base import GROUP_NAMES, Task
+
+    taus = set()
+    if train.get("group_tau") is not None:
+        taus.add(float(train["group_tau"]))
+    dist = swept.get("train.group_tau")
+    if dist and next(iter(dist)) in ("choice", "grid"):
+        taus.update(float(t) for t in next(iter(dist.values())))
+    target = train.get("target", "class:1")
+    figs, tables = {}, {}
+    for tau in sorted(taus):
+        counts = group_counts(str(tile_table), target, n_classes, tau)
+        tables[f"group_counts_tau{tau:g}.csv"] = [{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}}
+                                                  for sp, c in counts.items()]
+        figs[f"group_counts_tau{tau:g}.png"] = figures.group_counts_figure(counts, GROUP_NAMES,
+                                                                           f"tiles per group, tau = {tau:g}")
+    return figs, tables
 
 
 def _num(v):
@@ -165,3 +189,59 @@ def format_leaderboard(rows: list[dict], score: str, swept: list[str], headline:
     if len(shown) < len(ranked):
         lines.append(f"({len(ranked) - len(shown)} more column(s) in the full table)")
     return "\n".join(line.rstrip() for line in lines)
+
+
+#: Ciga & Martel's Fig. 5 / Table D.5 metrics: (test metric, label)
+FIG5_METRICS = (("test_f1_micro", "F1 micro"), ("test_f1_macro", "F1 macro"), ("test_miou", "mIoU"))
+_SETTINGS = ("S", "S+C", "S+C*")
+
+
+def fig5_cells(runs: list[dict]) -> dict[tuple[str, float], dict[str, list[float]]]:
+    """(setting, s) -> {test metric: one value per run (seed)} from finished ``segcls`` runs, each
+    ``{"params": {...}, "metrics": {...}}`` (MLflow child runs; setting and s swept or fixed)."""
+    cells: dict = {}
+    for r in runs:
+        p, m = r["params"], r["metrics"]
+        if p.get("method") != "segcls":
+            continue
+        setting = p.get("swept.hparams.setting") or p.get("hparams.setting")
+        s = _num(p.get("swept.hparams.s") or p.get("hparams.s"))
+        if setting is None or not isinstance(s, float):
+            continue
+        cell = cells.setdefault((setting, s), {k: [] for k, _ in FIG5_METRICS})
+        for k, _ in FIG5_METRICS:
+            if k in m:
+                cell[k].append(float(m[k]))
+    return cells
+
+
+def fig5_relative(cells: dict) -> dict:
+    """Fig. 5's normalisation: every value divided by the mean of **S** at s = 100 % (training on all the
+    segmentation patches, the paper's fully supervised baseline), per metric. ``ValueError`` without such runs."""
+    base = cells.get(("S", 100.0))
+    if not base or not all(base[k] for k, _ in FIG5_METRICS):
+        raise ValueError("Fig. 5 is normalised to S at s = 100 %: the sweep has no such finished run")
+    ref = {k: float(np.mean(base[k])) for k, _ in FIG5_METRICS}
+    return {key: {k: [v / ref[k] if ref[k] else float("nan") for v in vals] for k, vals in cell.items()}
+            for key, cell in cells.items()}
+
+
+def format_table_d5(cells: dict, title: str = "") -> str:
+    """Table D.5's layout: a row per setting and metric, a column per s (%), cells "mean ± std" in % over seeds."""
+    svals = sorted({s for _, s in cells})
+    head = ["setting", "metric", *[f"{s:g}" for s in svals]]
+    lines = []
+    for setting in [x for x in _SETTINGS if any(k[0] == x for k in cells)]:
+        for k, label in FIG5_METRICS:
+            row = [setting, label]
+            for s in svals:
+                v = [100 * x for x in cells.get((setting, s), {}).get(k, [])]
+                row.append(f"{np.mean(v):.1f} ± {np.std(v):.1f}" if v else "-")
+            lines.append(row)
+    widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
+    out = [title] if title else []
+    out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines]
+    n = sorted({len(v[FIG5_METRICS[0][0]]) for v in cells.values()})
+    out.append(f"test metrics (%) vs the share s of segmentation patches used, mean ± std over {'/'.join(map(str, n))} seeds")
+    return "\n".join(out)

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["child_run", "close_children", "code_version", "dataset_hash", "end_run", "git_commit", "log_figure", "log_metrics", "log_table",
-           "child_runs", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "runs_page_url", "source_tags",
+__all__ = ["child_run", "close_children", "code_version", "dataset_hash", "end_run", "git_commit", "log_figure", "log_metrics", "log_params", "log_table",
+           "child_runs", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "runs_page_url", "set_tags", "source_tags",
            "tracking_uri"]
 
 
@@ -185,6 +185,16 @@ def log_metrics(run_id: str, metrics: dict[str, Any], step: int | None = None, u
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     if vals:
         _client(uri).log_batch(run_id, metrics=vals)
+
+
+def log_params(run_id: str, params: dict[str, Any], uri: str | None = None) -> None:
+    _client(uri).log_batch(run_id, params=_params(params))
+
+
+def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
 
 
 def log_figure(run_id: str, figure, name: str, uri: str | None = None) -> None:

@@ -37,12 +37,12 @@ from ray.train.v2.api.callback import UserCallback
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
 from histoweak._ray import verbose
 from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
-                                      read_tiles, torch_batches)
+                                      read_split_meta, read_tiles, stain_normalize_dataset, torch_batches)
 from histoweak.methods import METHODS, build_method
-from histoweak.methods.base import Task, check_hparams, predict_split, to_device
+from histoweak.methods.base import RunInfo, Task, check_hparams, predict_split, to_device
 
-__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "class_names_of", "evaluate", "fit", "predict_split",
-           "score_checkpoint", "train_loop_per_worker", "write_pseudo_labels"]
+__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "class_names_of", "evaluate", "fit", "load_trained",
+           "manifest_of", "predict_split", "run_info", "score_checkpoint", "train_loop_per_worker"]
 
 TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio", "class_ratios")
 
@@ -60,6 +60,7 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     group_tau: float | None = None  # groups (y, [r_tissue >= tau]) for WGA and balanced streams (GERNE)
+    stain_norm: bool = False  # Macenko-normalise every image to one reference tile of the training split
     select: str | None = None  # checkpoint selection metric (val_*); default: the method's
     keep_checkpoints: int | None = 1  # best checkpoints kept (None: every epoch's, for post-hoc selection)
     num_workers: int | None = None  # default: one per GPU, else 1
@@ -93,7 +94,7 @@ class TrainConfig:
                 bad("group_tau", f"must be in [0, 1], got {self.group_tau}")
             if task.multilabel:
                 bad("group_tau", "tissue groups need a binary target ('class:<c>' or 'label')")
-        if METHODS[self.method].needs_balanced_stream and self.group_tau is None:
+        if METHODS[self.method].needs_groups and self.group_tau is None:
             bad("group_tau", f"method {self.method!r} trains on groups: set the tissue-ratio threshold")
         if self.select is not None:
             if not self.select.startswith("val_"):
@@ -120,6 +121,7 @@ class TrainOutcome:
     path: str
     test_predictions: dict[str, np.ndarray] = field(default_factory=dict)  # targets, probs, groups, ratios
     checkpoints: list[tuple[str, dict]] = field(default_factory=list)  # every kept checkpoint with its metrics
+    data_state: dict[str, Any] = field(default_factory=dict)  # what the method's data plan computed from the data
 
 
 def _seed_everything(seed: int) -> None:
@@ -151,6 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     method = build_method(cfg.method, cfg.hparams, Task(cfg.target, config["n_classes"])).to(device)
     method.class_names = config.get("class_names")
+    method.set_data_state(config.get("data_state") or {})
     _seed_everything(cfg.seed + rank)
 
     start_epoch, best = 0, None
@@ -162,25 +165,24 @@ def train_loop_per_worker(config: dict) -> None:
         method.optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, state["best"]
 
-    train_shard = ray.train.get_dataset_shard("train")
+    plan = config["_plan"]
+    train_shard = ray.train.get_dataset_shard("train") if plan.main is None else None
     val_shard = ray.train.get_dataset_shard("val")
     sel, mode = cfg.select or method.selection_metric, method.selection_mode
-    balanced = None
-    if method.needs_balanced_stream:  # a second, group-balanced batch per step (GERNE's B_lb)
-        sampler = BalancedSampler(ray.train.get_dataset_shard("balanced"), _group_fn(cfg, config["n_classes"]),
-                                  seed=cfg.seed * 1009 + rank, augment=cfg.augment)
-        if rank == 0 and len(sampler.counts) < 4:
-            print(f"histoweak: warning: the training split has only groups {sampler.counts} "
-                  f"at group_tau={cfg.group_tau}; the balanced batch draws from those")
-        balanced = sampler.batches(cfg.batch_size, method.balanced_weights(sampler.counts))
+    streams = _sampled_streams(plan, method, cfg, rank, config.get("stain_reference"))
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0, logs, n, rows = time.perf_counter(), [], 0, []
-        for i, batch in enumerate(torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)):
+        if plan.main is None:
+            batches = torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)
+        else:  # the method draws its main batch too (e.g. from a subset of the tiles): a fixed number of steps
+            batches = (next(streams[""]) for _ in range(plan.steps_per_epoch))
+        for i, batch in enumerate(batches):
             if cfg.steps_per_epoch and i >= cfg.steps_per_epoch:
                 break
-            if balanced is not None:
-                batch["balanced"] = next(balanced)
+            for key, stream in streams.items():
+                if key:
+                    batch[key] = next(stream)
             logs.append(method.step(to_device(batch, device)))
             _maybe_inject_fault(epoch, rank)
             n += len(batch["image"])
@@ -204,9 +206,40 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(d, method.state_dict(), method.optimizer.state_dict(), epoch, best, config)
+                save_checkpoint(d, method.state_dict(), method.optimizer.state_dict(), epoch, best,
+                                {k: v for k, v in config.items() if not k.startswith("_")})
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference: dict | None) -> dict:
+    """The batch iterators of the plan's sampled streams (key "" = the main batch), drawn on this worker from
+    its copy of the (encoded) training split, each with its own seed."""
+    import functools
+
+    import ray.train
+
+    wanted = ([("", plan.main)] if plan.main is not None else []) + list(plan.extra.items())
+    if not wanted:
+        return {}
+    table = BalancedSampler.collect(ray.train.get_dataset_shard("sampled"))
+    transform = functools.partial(_stain_batch, reference=stain_reference) if stain_reference else None
+    out = {}
+    for i, (key, stream) in enumerate(wanted):
+        sampler = BalancedSampler(table, stream.strata, seed=cfg.seed * 1009 + rank + 7919 * i, augment=cfg.augment,
+                                  hidden=stream.hidden, transform=transform)
+        if rank == 0 and method.needs_groups and len(sampler.counts) < 4:
+            print(f"histoweak: warning: the training split has only groups {sampler.counts} "
+                  f"at group_tau={cfg.group_tau}; stream {key or 'main'!r} draws from those")
+        out[key] = sampler.batches(cfg.batch_size, method.stream_weights(key, sampler.counts))
+    return out
+
+
+def _stain_batch(batch: dict, reference: dict) -> dict:
+    from histoweak.data.stain import normalize_images
+
+    batch["image"] = normalize_images(batch["image"], reference)[0]
+    return batch
 
 
 def _maybe_inject_fault(epoch: int, rank: int) -> None:
@@ -288,18 +321,26 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     cols = list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns]))
     if "HISTOWEAK_WORKER_TRACE" in config.worker_env:  # the trace names the rows each rank trained on
         cols += ["slide_id", "x", "y"]
+    plan = method_cls.data_plan(check_hparams(method_cls.Hparams, dict(config.hparams), config.method),
+                                run_info(config, tile_table, n_classes))
+    stain = _stain_reference(tile_table) if config.stain_norm else None
+    manifest = manifest_of(tile_table)
+    loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes, "class_names": manifest.get("classes"),
+                   "tiling": manifest.get("params"), "data_state": plan.state, "stain_reference": stain, "_plan": plan}
     train_ds = read_tiles(tile_table, split="train", columns=cols)
-    train_ds = augment_dataset(train_ds) if config.augment else train_ds
     val_ds = read_tiles(tile_table, split="val", columns=_eval_columns(method_cls))
+    if stain:  # fixed decoding-time transform: before augmentation
+        train_ds, val_ds = stain_normalize_dataset(train_ds, stain), stain_normalize_dataset(val_ds, stain)
+    train_ds = augment_dataset(train_ds) if config.augment else train_ds
     sel, mode = config.select or method_cls.selection_metric, method_cls.selection_mode
     datasets = {"val": val_ds}
-    loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes, "class_names": class_names_of(tile_table)}
     if config.group_tau is not None:
         groups = _group_fn(config, n_classes)
         train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
-    if method_cls.needs_balanced_stream:  # every worker gets the whole (encoded) train split to draw B_lb from
-        datasets["balanced"] = read_tiles(tile_table, split="train", columns=cols, decode=False)
-    datasets["train"] = train_ds
+    if plan.main is not None or plan.extra:  # every worker gets the whole (encoded) train split to draw from
+        datasets["sampled"] = read_tiles(tile_table, split="train", columns=cols, decode=False)
+    if plan.main is None:
+        datasets["train"] = train_ds
     run_config = ray.train.RunConfig(
         name=config.name, storage_path=config.storage_path,
         failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -314,7 +355,7 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
         run_config=run_config,
     )
     result = trainer.fit()
@@ -324,15 +365,41 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     return TrainOutcome(metrics=dict(result.metrics or {}), best=dict(best_metrics), test=test,
                         checkpoint=best_ckpt.path if best_ckpt else None, path=str(result.path),
                         test_predictions=predictions,
-                        checkpoints=[(c.path, dict(m)) for c, m in result.best_checkpoints])
+                        checkpoints=[(c.path, dict(m)) for c, m in result.best_checkpoints], data_state=dict(plan.state))
+
+
+def manifest_of(tile_table: str) -> dict:
+    """A local tile table's ``_manifest.json`` ({} when it has none or is remote)."""
+    try:
+        manifest = json.loads((Path(tile_table) / "_manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def class_names_of(tile_table: str) -> list[str] | None:
     """Class names from a local tile table's manifest (None when it has none or is remote)."""
-    try:
-        return list(json.loads((Path(tile_table) / "_manifest.json").read_text())["classes"])
-    except (OSError, KeyError, ValueError):
-        return None
+    classes = manifest_of(tile_table).get("classes")
+    return list(classes) if classes else None
+
+
+def run_info(config: TrainConfig, tile_table: str, n_classes: int) -> RunInfo:
+    """What the method's hooks may know of a run; ``meta`` reads the training split's metadata on demand."""
+    import functools
+
+    return RunInfo(target=config.target, n_classes=n_classes, group_tau=config.group_tau, seed=config.seed,
+                   batch_size=config.batch_size, meta=functools.partial(read_split_meta, tile_table, "train"))
+
+
+def _stain_reference(tile_table: str) -> dict:
+    """Macenko reference stains of one training tile (``data.stain.pick_reference``), with its key."""
+    from histoweak.data.stain import fit_reference, pick_reference
+
+    meta = read_split_meta(tile_table, "train", ["slide_id", "x", "y", "tissue_ratio"])
+    keys = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(meta["slide_id"], meta["x"], meta["y"])]
+    i = pick_reference(meta["tissue_ratio"], keys)
+    image = read_split_meta(tile_table, "train", ["image"], keys={keys[i]})["image"][0]
+    return {**fit_reference(image), "tile": keys[i]}
 
 
 def _eval_columns(method_cls) -> list[str]:
@@ -352,69 +419,29 @@ def score_checkpoint(checkpoint, tile_table: str, n_classes: int, split: str = "
     Returns (metrics, predictions) with predictions as from ``predict_split``.
     """
     with checkpoint.as_directory() as d:
-        state, saved = load_checkpoint(d)
+        method, saved = load_trained(d, n_classes)
     cfg = TrainConfig.from_dict(saved["train"])
-    hp = {**cfg.hparams, "weights": None}  # the checkpoint carries the weights
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        method = build_method(cfg.method, hp, Task(cfg.target, n_classes))
-    method.load_state_dict(state["model"])
     method.class_names = class_names_of(tile_table)
     ds = read_tiles(tile_table, split=split, columns=_eval_columns(METHODS[cfg.method]))
+    if saved.get("stain_reference"):
+        ds = stain_normalize_dataset(ds, saved["stain_reference"])
     if cfg.group_tau is not None:
         ds = add_column(ds, "group", _group_fn(cfg, n_classes))
     return method.evaluate_batches(torch_batches(ds, batch_size=cfg.batch_size), split)
 
 
-def write_pseudo_labels(checkpoint: str, tile_table: str, out_dir: str, n_classes: int, batch_size: int = 32,
-                        progress: bool = True) -> Path:
-    """A tile table whose training tiles carry a stage-1 model's pseudo-labels (PSCL eq. 4.9) as their ``mask``.
-
-    Every Parquet file of ``tile_table`` is copied to the same relative path under ``out_dir`` with the
-    train rows' ``mask`` replaced (val/test keep their ground truth), written atomically, so a rerun
-    skips the files already done. Runs in this process (the driver); the manifest records the checkpoint.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
-
-    from histoweak.data.schema import write_table_atomic
-    from histoweak.data.streaming import TorchCollate, decode_tiles
-    from histoweak.slides.tiling import encode_image
-
-    state, saved = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(saved["train"])
-    if not getattr(METHODS[cfg.method], "pseudo_labels", None):
-        raise ValueError(f"{checkpoint}: method {cfg.method!r} does not make pseudo-labels")
+def load_trained(checkpoint_dir, n_classes: int | None = None):
+    """(method with the checkpoint's weights, in eval mode; the run's saved config) from a checkpoint directory
+    written by ``train_loop_per_worker``. Only ``load_checkpoint`` opens it (no code runs from the file)."""
     import warnings
 
+    state, saved = load_checkpoint(checkpoint_dir)
+    cfg = TrainConfig.from_dict(saved["train"])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the checkpoint carries the weights
-        method = build_method(cfg.method, {**cfg.hparams, "weights": None}, Task(cfg.target, n_classes))
+        warnings.simplefilter("ignore")  # not random: the checkpoint carries the weights
+        method = build_method(cfg.method, {**cfg.hparams, "weights": None},
+                              Task(cfg.target, n_classes or int(saved["n_classes"])))
     method.load_state_dict(state["model"])
-    method.eval()
-    src, out = Path(tile_table), Path(out_dir)
-    files = sorted(src.rglob("*.parquet"))
-    collate = TorchCollate()
-    for f in tqdm(files, desc="pseudo-labels", unit="file", disable=not progress):
-        target = out / f.relative_to(src)
-        if target.exists():
-            continue
-        table = pq.read_table(f)
-        masks = table.column("mask").to_pylist()
-        is_train = np.asarray(table.column("split").to_pylist()) == "train"
-        rows = np.flatnonzero(is_train)
-        for start in range(0, len(rows), batch_size):
-            idx = rows[start:start + batch_size]
-            batch = collate(decode_tiles(table.take(pa.array(idx)).select(["image", "labels"])))
-            pseudo = method.pseudo_labels(batch).cpu().numpy().astype(np.uint8)
-            for i, p in zip(idx, pseudo):
-                masks[i] = encode_image(p)
-        table = table.set_column(table.schema.get_field_index("mask"), "mask", pa.array(masks, pa.binary()))
-        write_table_atomic(table, target)
-    manifest = json.loads((src / "_manifest.json").read_text())
-    manifest["pseudo_labels"] = {"checkpoint": str(checkpoint), "source": str(src.resolve()), "equation": "PSCL eq. 4.9"}
-    (out / "_manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+    method.set_data_state(saved.get("data_state") or {})
+    method.class_names = saved.get("class_names")
+    return method.eval(), saved

@@ -45,7 +45,6 @@ __all__ = ["DISTRIBUTIONS", "SearchSpace", "SweepPlan", "leaderboard", "load_sea
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 _TOP_KEYS = {"name", "method", "data", "train", "hparams", "params", "metric", "mode", "num_samples", "scheduler",
              "max_concurrent_trials", "smoke", "description", "stage2"}
-_STAGE2_KEYS = {"loss", "epochs", "steps_per_epoch", "batch_size", "lr", "decoder_width"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class SearchSpace:
     max_concurrent_trials: int | None = None
     data: str | None = None
     smoke: dict[str, Any] = field(default_factory=dict)
-    stage2: dict[str, Any] = field(default_factory=dict)  # PSCL: a decoder on the best trial's pseudo-labels
+    stage2: dict[str, Any] = field(default_factory=dict)  # the method's second stage (``Method.stage2``) settings
     source: str = "<dict>"
 
     def with_overrides(self, overrides: dict[str, Any]) -> "SearchSpace":
@@ -179,13 +178,18 @@ def _validate(raw: Any, where: str) -> SearchSpace:
     if not isinstance(smoke, dict):
         bad("smoke", "must be a mapping of overrides")
     stage2 = raw.get("stage2") or {}
+    valid2 = sorted(method.stage2_keys)
+    if stage2 and not valid2:
+        bad("stage2", f"method {raw['method']!r} has no second stage")
     if not isinstance(stage2, dict):
-        bad("stage2", f"must be a mapping with keys {sorted(_STAGE2_KEYS)}")
+        bad("stage2", f"must be a mapping with keys {valid2}")
     for k in stage2:
-        if k not in _STAGE2_KEYS:
-            bad(f"stage2.{k}", f"unknown; valid: {sorted(_STAGE2_KEYS)}")
-    if stage2.get("loss", "ce") not in ("ce", "nr"):
-        bad("stage2.loss", "must be 'ce' or 'nr'")
+        if k not in valid2:
+            bad(f"stage2.{k}", f"unknown; valid: {valid2}")
+    try:
+        method.check_stage2(dict(stage2))
+    except ValueError as exc:
+        bad("stage2", str(exc))
     space = SearchSpace(name=raw["name"], method=raw["method"], train=dict(raw.get("train") or {}),
                         hparams=dict(raw.get("hparams") or {}), params=dict(params), metric=metric, mode=mode,
                         num_samples=n, scheduler=dict(sched), max_concurrent_trials=mct, data=raw.get("data"),
@@ -234,81 +238,42 @@ def trial(config: dict, ctx: dict) -> None:
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
         final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
-        _log_test_figures(run_id, uri, out.test_predictions, cfg.target, cfg.group_tau, ctx.get("class_names"))
+        tracking.set_tags(run_id, {"best_checkpoint": out.checkpoint or ""}, uri)
+        tracking.log_params(run_id, {f"data.{k}": v for k, v in out.data_state.items()}, uri)
+        _log_test_figures(run_id, uri, out.test_predictions, cfg, ctx["tile_table"], ctx["n_classes"],
+                          ctx.get("class_names"))
         ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id, "best_checkpoint": out.checkpoint})
         status = "FINISHED"
     finally:
         tracking.end_run(run_id, status, uri)
 
 
-def _log_cam_figures(run_id: str, uri: str, pred: dict, class_names: list[str] | None) -> None:
+def _log_test_figures(run_id: str, uri: str, pred: dict, cfg: TrainConfig, tile_table: str, n_classes: int,
+                      class_names: list[str] | None) -> None:
+    """The figures the run's method makes of its best checkpoint on test (``Method.test_figures``)."""
     import matplotlib.pyplot as plt
 
-    from histoweak import figures, tracking
+    from histoweak import tracking
+    from histoweak.train import run_info
 
-    names = class_names or [str(c) for c in range(pred["cam_hist"].shape[0] + 1)]
-    fig = figures.cam_histogram_figure(pred["cam_hist"], names, "test: CAM activation at each class's pixels")
-    tracking.log_figure(run_id, fig, "test_cam_histogram.png", uri)
-    plt.close(fig)
-    if pred.get("image"):
-        fig = figures.cam_overlay_figure(pred, names, "test tiles (fixed set): CAMs, pseudo-labels and ground truth")
-        tracking.log_figure(run_id, fig, "test_cam_overlays.png", uri)
-        plt.close(fig)
-
-
-def _log_test_figures(run_id: str, uri: str, pred: dict, target: str, tau: float | None = None,
-                      class_names: list[str] | None = None) -> None:
-    """Confusion matrix and, with groups, per-group accuracy and the shortcut analysis of the best checkpoint on test."""
-    import matplotlib.pyplot as plt
-
-    from histoweak import figures, metrics, tracking
-
-    if pred and "cam_hist" in pred:  # segmentation from patch labels (PSCL)
-        _log_cam_figures(run_id, uri, pred, class_names)
+    if not pred:
         return
-    if not pred or "probs" not in pred or pred["probs"].ndim != 2 or target == "labels":
-        return
-    y, p = pred["targets"], pred["probs"].argmax(1)
-    k = pred["probs"].shape[1]
-    fig = figures.confusion_matrix_figure(metrics.confusion_matrix(y, p, k), [f"{target}={i}" for i in range(k)])
-    tracking.log_figure(run_id, fig, "test_confusion_matrix.png", uri)
-    plt.close(fig)
-    if (pred["groups"] >= 0).all():
-        from histoweak.methods.base import GROUP_NAMES
-
-        accs = metrics.group_accuracies(y, p, pred["groups"])
-        fig = figures.group_accuracy_figure({GROUP_NAMES[g].replace(", ", "\n") if tau is not None else g: a for g, a in accs.items()},
-                                            "test accuracy per group")
-        tracking.log_figure(run_id, fig, "test_group_accuracy.png", uri)
-        plt.close(fig)
-    if tau is not None and target.startswith("class:") and "class_ratios" in pred:
-        fig = figures.shortcut_figure(pred, int(target.split(":")[1]), tau,
-                                      title=f"test split, best checkpoint: correct and incorrect predictions per bin")
-        tracking.log_figure(run_id, fig, "test_shortcut_analysis.png", uri)
+    for name, fig in METHODS[cfg.method].test_figures(pred, run_info(cfg, tile_table, n_classes), class_names).items():
+        tracking.log_figure(run_id, fig, name, uri)
         plt.close(fig)
 
 
-def _log_group_counts(space: SearchSpace, tile_table, n_classes: int, run_id: str, uri: str) -> None:
-    """Tiles per group and split at every threshold the sweep uses (a figure and a table per threshold)."""
+def _log_sweep_figures(space: SearchSpace, tile_table, n_classes: int, run_id: str, uri: str) -> None:
+    """What the method logs on the sweep's run before its trials (``Method.sweep_figures``)."""
     import matplotlib.pyplot as plt
 
-    from histoweak import figures, tracking
-    from histoweak.methods.base import GROUP_NAMES
-    from histoweak.report import group_counts
+    from histoweak import tracking
 
-    taus = set()
-    if space.train.get("group_tau") is not None:
-        taus.add(float(space.train["group_tau"]))
-    dist = space.params.get("train.group_tau")
-    if dist and next(iter(dist)) in ("choice", "grid"):
-        taus.update(float(t) for t in next(iter(dist.values())))
-    target = space.train.get("target", TrainConfig.target)
-    for tau in sorted(taus):
-        counts = group_counts(str(tile_table), target, n_classes, tau)
-        tracking.log_table(run_id, [{"split": sp, **{GROUP_NAMES[g]: n for g, n in c.items()}} for sp, c in counts.items()],
-                           f"group_counts_tau{tau:g}.csv", uri)
-        fig = figures.group_counts_figure(counts, GROUP_NAMES, f"tiles per group, tau = {tau:g}")
-        tracking.log_figure(run_id, fig, f"group_counts_tau{tau:g}.png", uri)
+    figs, tables = METHODS[space.method].sweep_figures(dict(space.train), dict(space.params), str(tile_table), n_classes)
+    for name, rows in tables.items():
+        tracking.log_table(run_id, rows, name, uri)
+    for name, fig in figs.items():
+        tracking.log_figure(run_id, fig, name, uri)
         plt.close(fig)
 
 
@@ -457,7 +422,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                                   # epochs, then the final report; a smaller max_t stops every trial there
                                   max_t=space.scheduler.get("max_t", int(space.train.get("epochs", TrainConfig.epochs)) + 1))
     if not plan.resume or copied_from:
-        _log_group_counts(space, tile_table, n_classes, parent_id, uri)
+        _log_sweep_figures(space, tile_table, n_classes, parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
            "cpu_share": None if gpus else cpus / concurrency,
            "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags,
@@ -545,7 +510,7 @@ def _score_stopped_trials(grid, space: SearchSpace, ctx: dict, uri: str) -> None
         run_id = runs.get(name)
         if run_id:
             tracking.log_metrics(run_id, test, step=cfg.epochs, uri=uri)
-            _log_test_figures(run_id, uri, pred, cfg.target, cfg.group_tau, ctx.get("class_names"))
+            _log_test_figures(run_id, uri, pred, cfg, ctx["tile_table"], ctx["n_classes"], ctx.get("class_names"))
             tracking.end_run(run_id, "KILLED", uri)  # stopped by the scheduler (its trial may have ended it FAILED)
         m.update({**test, "stopped_after_epoch": int(df["epoch"].max()), "best_checkpoint": best_path,
                   "mlflow_run_id": run_id})
@@ -587,46 +552,30 @@ def _copy_trials_from_ray(grid, space: SearchSpace, parent_id: str, tags: dict, 
 
 def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, sweep_dir: Path, parent_id: str,
                tags: dict, uri: str) -> dict[str, float]:
-    """PSCL stage 2 for the sweep's best trial: write its pseudo-labels, train the decoder on them, log both.
+    """The method's second stage (``Method.stage2``) from the sweep's best trial, its runs nested in the sweep's."""
+    from histoweak import tracking
+    from histoweak.methods.base import SweepContext
 
-    Runs as a child run ``stage2`` of the sweep; its test metrics are also logged on the sweep as ``stage2_*``,
-    its pictures of stage 1's fixed test tiles as ``test_stage2_predictions.png``.
-    """
-    import matplotlib.pyplot as plt
+    def train(name: str, values: dict, table: str, params: dict | None = None):
+        from histoweak.train import MlflowMetricsCallback, fit
 
-    from histoweak import figures, tracking
-    from histoweak.train import MlflowMetricsCallback, class_names_of, fit, write_pseudo_labels
+        cfg = TrainConfig.from_dict({**values, "name": f"{space.name}-{name}", "storage_path": str(sweep_dir / name)})
+        run_id = tracking.child_run(parent_id, name, {**_flat(dataclasses.asdict(cfg)), **(params or {})}, tags, uri)
+        status = "FAILED"
+        try:
+            out = fit(cfg, table, n_classes, callbacks=[MlflowMetricsCallback(run_id, uri)])
+            tracking.log_metrics(run_id, out.test, step=cfg.epochs, uri=uri)
+            tracking.set_tags(run_id, {"best_checkpoint": out.checkpoint or ""}, uri)
+            _log_test_figures(run_id, uri, out.test_predictions, cfg, table, n_classes, class_names_of(tile_table))
+            status = "FINISHED"
+            return out
+        finally:
+            tracking.end_run(run_id, status, uri)
 
-    ckpt = best.get("best_checkpoint")
-    if not ckpt:
-        raise ValueError(f"sweep {space.name!r}: the best trial has no checkpoint for stage 2")
-    st = {"loss": "ce", "epochs": 3, "batch_size": 16, "lr": 1e-3, **space.stage2}
-    print(f"histoweak: stage 2 on the pseudo-labels of {best['trial']} ({st['loss']} loss)")
-    pseudo = write_pseudo_labels(ckpt, tile_table, str(sweep_dir / "pseudo_labels"), n_classes)
-    hp = {"stage1": ckpt, "loss": st["loss"], "lr": st["lr"], **({"decoder_width": st["decoder_width"]}
-                                                                   if "decoder_width" in st else {})}
-    cfg = TrainConfig(method="pscl-seg", target="mask", hparams=hp, epochs=st["epochs"], batch_size=st["batch_size"],
-                      steps_per_epoch=st.get("steps_per_epoch"), name=f"{space.name}-stage2",
-                      storage_path=str(sweep_dir / "stage2"))
-    run_id = tracking.child_run(parent_id, "stage2", {**_flat(dataclasses.asdict(cfg)), "pseudo_labels": str(pseudo),
-                                                     "stage1_trial": best["trial"]}, tags, uri)
-    status = "FAILED"
-    try:
-        out = fit(cfg, str(pseudo), n_classes, callbacks=[MlflowMetricsCallback(run_id, uri)])
-        tracking.log_metrics(run_id, out.test, step=cfg.epochs, uri=uri)
-        tracking.log_metrics(parent_id, {f"stage2_{k}": v for k, v in out.test.items()}, uri=uri)
-        if out.test_predictions.get("image"):
-            names = class_names_of(tile_table) or [str(c) for c in range(n_classes)]
-            fig = figures.stage2_prediction_figure(out.test_predictions, names,
-                                                   "test tiles (stage 1's fixed set): pseudo-labels and predictions")
-            tracking.log_figure(run_id, fig, "test_stage2_predictions.png", uri)
-            plt.close(fig)
-        print("histoweak: stage 2 (decoder on pseudo-labels), test: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in out.test.items() if k.endswith(("miou", "fwiou", "miou_fg"))))
-        status = "FINISHED"
-        return out.test
-    finally:
-        tracking.end_run(run_id, status, uri)
+    ctx = SweepContext(name=space.name, tile_table=str(tile_table), n_classes=n_classes, directory=Path(sweep_dir),
+                       settings=dict(space.stage2), class_names=class_names_of(str(tile_table)), train=train,
+                       log_metrics=lambda m: tracking.log_metrics(parent_id, m, uri=uri))
+    return METHODS[space.method].stage2(best, ctx)
 
 
 def leaderboard(grid, space: SearchSpace) -> list[dict]:

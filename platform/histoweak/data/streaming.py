@@ -36,7 +36,9 @@ __all__ = [
     "shares",
     "decode_tiles",
     "plan_resources",
+    "read_split_meta",
     "read_tiles",
+    "stain_normalize_dataset",
     "torch_batches",
 ]
 
@@ -106,7 +108,7 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
         image : (N, H, W, 3) uint8
         mask : (N, H, W) uint8, where every row has one
         labels : (N, C) float32, where every row has them
-        class_ratios : (N, C) float32, where every row has them
+        class_ratios : (N, C) float32, NaN rows where a row has none
         label, group : (N,) int64, -1 where null
         tissue_ratio : (N,) float32
         slide_id : (N,) object
@@ -135,9 +137,14 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
             out[key] = batch.column(key).to_numpy().astype(np.int64)
     if "tissue_ratio" in names:
         out["tissue_ratio"] = batch.column("tissue_ratio").to_numpy().astype(np.float32)
-    if "class_ratios" in names and batch.column("class_ratios").null_count == 0:
+    if "class_ratios" in names and batch.column("class_ratios").null_count < len(batch):
         col = batch.column("class_ratios").combine_chunks()
-        out["class_ratios"] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
+        if col.null_count:  # rows without a mask (image-labelled tiles): NaN
+            width = len(next(v for v in col.to_pylist() if v is not None))
+            out["class_ratios"] = np.asarray([v if v is not None else [np.nan] * width for v in col.to_pylist()],
+                                             np.float32)
+        else:
+            out["class_ratios"] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
     if "slide_id" in names:
         out["slide_id"] = np.asarray(batch.column("slide_id").to_pylist(), dtype=object)
     return out
@@ -223,6 +230,45 @@ def read_tiles(path: str | Sequence[str], split: str | Sequence[str] | None = No
 
 
 
+def read_split_meta(path: str, split: str, columns: Sequence[str], keys: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of one split's rows, read in this process with pyarrow (no Ray), decoded by ``decode_tiles``.
+
+    For the driver's planning (a method's ``data_plan``, the stain reference): ask for metadata columns,
+    not images, unless ``keys`` (``"<slide>:<x:09d>:<y:09d>"``) selects a few rows.
+    """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    cols = list(dict.fromkeys([*columns, "split", *(["slide_id", "x", "y"] if keys is not None else [])]))
+    tables = []
+    for uri, _ in _list_parquet(path):
+        fs, file = pafs.FileSystem.from_uri(_as_uri(uri))
+        with fs.open_input_file(file) as fh:
+            t = pq.ParquetFile(fh).read(columns=cols)
+        t = t.filter(pa.compute.equal(t.column("split"), split))
+        if keys is not None and t.num_rows:
+            k = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in
+                 zip(t.column("slide_id").to_pylist(), t.column("x").to_pylist(), t.column("y").to_pylist())]
+            t = t.filter(pa.array([v in keys for v in k]))
+        if t.num_rows:
+            tables.append(t)
+    if not tables:
+        raise ValueError(f"{path}: no {split!r} rows")
+    return decode_tiles(pa.concat_tables(tables))
+
+
+def _stain(batch: dict, reference: dict) -> dict:
+    from histoweak.data.stain import normalize_images
+
+    batch["image"] = normalize_images(batch["image"], reference)[0]
+    return batch
+
+
+def stain_normalize_dataset(ds, reference: dict):
+    """``ds`` with every image Macenko-normalised to ``reference`` (``data.stain``); fused with the decode."""
+    return ds.map_batches(_stain, fn_kwargs={"reference": reference}, batch_format="numpy", batch_size=None)
+
+
 def _augment(batch: dict, colour: bool) -> dict:
     # A stateless task (fresh entropy per batch), so Ray Data fuses it with the read and runs it on every core.
     return augment_batch(batch, seed=None, colour=colour)
@@ -291,7 +337,7 @@ def shares(batch_size: int, weights: Sequence[float]) -> list[int]:
 
 
 class BalancedSampler:
-    """Batches with a fixed share of rows per group (GERNE's less-biased batch B_lb), drawn exactly.
+    """Batches with a fixed share of rows per stratum (GERNE's less-biased batch B_lb, a method's subsets), drawn exactly.
 
     The tiles arrive once through Ray Data (a worker's dataset iterator, or a
     Dataset) and are kept *encoded* in this process (about the split's size on
@@ -304,23 +350,38 @@ class BalancedSampler:
 
     Parameters
     ----------
-    source : raw (undecoded) tile rows: a ``read_tiles(..., decode=False)`` Dataset or a worker's shard of one
-    group_fn : numpy batch (``decode_tiles`` of the rows, no images) -> (N,) int group per row
+    source : raw (undecoded) tile rows: a ``read_tiles(..., decode=False)`` Dataset, a worker's shard of one,
+        or a pyarrow Table of them (``collect``), which several samplers can share
+    group_fn : numpy batch (``decode_tiles`` of the rows, no images) -> (N,) int group per row; rows of
+        group -1 are never drawn
     seed : the sampling and augmentation stream
     augment : random flips, rot90 and colour jitter per batch
+    hidden : columns left out of every batch (their values never leave the sampler)
+    transform : numpy batch -> numpy batch, applied after decoding and before augmentation (e.g. stain
+        normalisation)
     """
 
-    def __init__(self, source, group_fn, seed: int = 0, augment: bool = False):
+    def __init__(self, source, group_fn, seed: int = 0, augment: bool = False, hidden: Sequence[str] = (),
+                 transform=None):
+        table = source if isinstance(source, pa.Table) else self.collect(source)
+        self.table = table.drop_columns([c for c in hidden if c in table.column_names])
+        meta = decode_tiles(self.table.drop_columns([c for c in ("image", "mask") if c in self.table.column_names]))
+        self.groups = np.asarray(group_fn(meta)).astype(np.int64)
+        self.rows = {int(g): np.flatnonzero(self.groups == g) for g in np.unique(self.groups) if g >= 0}
+        if not self.rows:
+            raise ValueError(f"balanced stream: none of the {len(self.groups)} rows is in a stratum")
+        self.rng = np.random.default_rng(seed)
+        self.augment = augment
+        self.transform = transform
+        self._queues: dict[int, list[int]] = {g: [] for g in self.rows}
+
+    @staticmethod
+    def collect(source) -> pa.Table:
+        """The raw rows of a Dataset or shard as one pyarrow Table (kept encoded)."""
         tables = [t for t in source.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
         if not tables:
             raise ValueError("balanced stream: no rows")
-        self.table = pa.concat_tables(tables).combine_chunks()
-        meta = decode_tiles(self.table.drop_columns([c for c in ("image", "mask") if c in self.table.column_names]))
-        self.groups = np.asarray(group_fn(meta)).astype(np.int64)
-        self.rows = {int(g): np.flatnonzero(self.groups == g) for g in np.unique(self.groups)}
-        self.rng = np.random.default_rng(seed)
-        self.augment = augment
-        self._queues: dict[int, list[int]] = {g: [] for g in self.rows}
+        return pa.concat_tables(tables).combine_chunks()
 
     @property
     def counts(self) -> dict[int, int]:
@@ -355,6 +416,8 @@ class BalancedSampler:
             idx = [i for g, k in zip(order, share) for i in self._draw(g, k)]
             batch = decode_tiles(self.table.take(idx))
             batch["group"] = self.groups[idx]
+            if self.transform is not None:
+                batch = self.transform(batch)
             if self.augment:
                 batch = augment_batch(batch, seed=int(self.rng.integers(2**63)))
             made += 1

@@ -14,8 +14,9 @@ name or hyperparameter fails with the valid ones.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ from torch import nn
 
 from histoweak import metrics as M
 
-__all__ = ["GROUP_NAMES", "METHODS", "Hparams", "Method", "Task", "average_gradients", "build_method", "check_hparams",
-           "predict_split", "register_method", "tissue_groups", "to_device"]
+__all__ = ["GROUP_NAMES", "METHODS", "DataPlan", "Hparams", "Method", "RunInfo", "Stream", "SweepContext", "Task",
+           "average_gradients", "build_method", "check_hparams", "predict_split", "register_method", "tissue_groups",
+           "to_device"]
 
 #: names of the groups ``tissue_groups`` returns, by index
 GROUP_NAMES = ("y=0, small tissue", "y=0, large tissue", "y=1, small tissue", "y=1, large tissue")
@@ -120,6 +122,80 @@ class Hparams:
     amp: bool = True  # mixed precision, used on GPU only
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What a hook may know of the run it plans for (generic ``TrainConfig`` fields and the data).
+
+    meta : ``meta(columns)`` -> the training split's rows as ``decode_tiles`` gives them, without images or masks
+        (read on demand, in the driver).
+    """
+
+    target: str = "class:1"
+    n_classes: int = 5
+    group_tau: float | None = None
+    seed: int = 0
+    batch_size: int = 32
+    meta: Callable[[list[str]], dict[str, np.ndarray]] | None = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A batch the platform draws for every step from the training split's rows (``streaming.BalancedSampler``).
+
+    strata : numpy batch of row metadata (``decode_tiles`` of the rows, no images or masks) -> (N,) int stratum
+        per row; rows of stratum -1 are never drawn. Each batch holds ``Method.stream_weights`` of each stratum.
+        A picklable function (a module-level function or a ``functools.partial`` of one): it runs on workers.
+    hidden : columns this stream never carries (their values never reach the method).
+    """
+
+    strata: Callable[[dict], np.ndarray]
+    hidden: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What a method needs from the data for one run (``Method.data_plan``).
+
+    main : ``None``: every step's batch comes from the Ray Data stream of the training split, sharded across
+        workers, and an epoch is one pass over it. A ``Stream``: the batch is drawn from it instead and an epoch
+        is ``steps_per_epoch`` steps.
+    extra : batch key -> a stream drawn beside the main batch at every step (``batch[key]``), e.g. GERNE's
+        less-biased batch.
+    state : JSON-able values computed from the data that the method needs in training (``set_data_state``),
+        logged with the run.
+    """
+
+    main: Stream | None = None
+    extra: dict[str, Stream] = field(default_factory=dict)
+    steps_per_epoch: int | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.main is not None and not self.steps_per_epoch:
+            raise ValueError("data plan: a sampled main stream needs steps_per_epoch")
+
+
+@dataclass
+class SweepContext:
+    """What a sweep gives a method's ``stage2`` step (``tune.run_sweep`` builds it; no Ray in here).
+
+    settings : the search space's ``stage2:`` section, checked against ``Method.stage2_keys``.
+    train : ``train(name, train_values, tile_table, params)`` trains ``TrainConfig.from_dict(train_values)`` on
+        ``tile_table`` as a child run ``name`` of the sweep (metrics, test figures and ``params`` logged) and
+        returns its ``TrainOutcome``.
+    log_metrics : logs on the sweep's own run.
+    """
+
+    name: str
+    tile_table: str
+    n_classes: int
+    directory: Path
+    settings: dict[str, Any]
+    class_names: list[str] | None
+    train: Callable[..., Any]
+    log_metrics: Callable[[dict[str, float]], None]
+
+
 def check_hparams(cls: type[Hparams], values: dict[str, Any], method: str) -> Hparams:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -210,21 +286,60 @@ class Method(nn.Module):
     selection_mode: ClassVar[str] = "max"
     #: the test metrics a leaderboard shows for this method (those a run has; the rest stay in the CSV)
     headline_metrics: ClassVar[tuple[str, ...]] = ("test_bca", "test_wga", "test_auroc")
-    #: the method needs groups (``TrainConfig.group_tau``) and a group-balanced stream: each batch then
-    #: carries ``batch["balanced"]``, a second batch drawn with ``balanced_weights`` per group
-    needs_balanced_stream: ClassVar[bool] = False
+    #: the method trains on tissue groups: ``TrainConfig.group_tau`` is required (GERNE)
+    needs_groups: ClassVar[bool] = False
     #: extra tile-table columns the method reads in training / in evaluation (e.g. pixel masks)
     train_columns: ClassVar[tuple[str, ...]] = ()
     eval_columns: ClassVar[tuple[str, ...]] = ()
+    #: the keys of a search space's ``stage2:`` section (settings of this method's ``stage2`` step)
+    stage2_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def supports(cls, task: Task) -> bool:
         """Whether the method can learn ``task``'s target (checked by ``build_method``)."""
         return True
 
-    def balanced_weights(self, group_counts: dict[int, int]) -> dict[int, float]:
-        """Share of each group in the balanced batch, given the groups' sizes in the training split."""
-        return {g: 1.0 for g in group_counts}
+    # -- hooks the generic layers call (train.py, tune.py); each has a default ---------------------
+    @classmethod
+    def data_plan(cls, hparams: Hparams, run: RunInfo) -> DataPlan:
+        """The streams and data-derived state of one run (called once, in the driver). Default: the plain stream."""
+        return DataPlan()
+
+    def stream_weights(self, key: str, counts: dict[int, int]) -> dict[int, float]:
+        """Share of each stratum in the batch of stream ``key``, given the strata's sizes. Default: equal shares."""
+        return {g: 1.0 for g in counts}
+
+    def set_data_state(self, state: dict[str, Any]) -> None:
+        """Receive ``DataPlan.state`` before training (and when a checkpoint is scored)."""
+        self.data_state = dict(state)
+
+    @classmethod
+    def test_figures(cls, pred: dict, run: RunInfo, class_names: list[str] | None) -> dict[str, Any]:
+        """Figures (artifact name -> matplotlib figure) of a run's best checkpoint on test, from what
+        ``evaluate_batches`` returned. Default: the confusion matrix and, with groups, the accuracy per
+        group and the shortcut analysis (``histoweak.figures``)."""
+        from histoweak import figures
+
+        return figures.classification_test_figures(pred, run.target, run.group_tau)
+
+    @classmethod
+    def sweep_figures(cls, train: dict[str, Any], swept: dict[str, dict], tile_table: str, n_classes: int
+                      ) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+        """Figures and tables (name -> rows) logged on a sweep's run before its trials, from the fixed ``train``
+        settings and the ``swept`` distributions. Default: tiles per group and split at every ``group_tau``."""
+        from histoweak.report import group_count_artifacts
+
+        return group_count_artifacts(train, swept, tile_table, n_classes)
+
+    @classmethod
+    def check_stage2(cls, settings: dict[str, Any]) -> None:
+        """Raise ``ValueError`` on a bad value in a search space's ``stage2:`` section (keys are checked already)."""
+
+    @classmethod
+    def stage2(cls, best: dict, ctx: SweepContext) -> dict[str, float]:
+        """A second stage after the sweep, from its best trial (``best``: its leaderboard row), e.g. PSCL's decoder on
+        pseudo-labels; returns its test metrics. Runs when the user asks (``histoweak tune --stage2``)."""
+        raise ValueError(f"method {cls.name!r} has no second stage after the sweep")
 
     def __init__(self, hparams: Hparams, task: Task):
         super().__init__()

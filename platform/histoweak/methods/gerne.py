@@ -28,12 +28,13 @@ outputs, cross-entropy; give ImageNet weights as a local state-dict path
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from histoweak.methods.base import average_gradients, register_method
+from histoweak.methods.base import DataPlan, RunInfo, Stream, Task, average_gradients, register_method
 from histoweak.methods.erm import ERM
 
 __all__ = ["GERNE", "gerne_loss"]
@@ -73,16 +74,23 @@ class GERNE(ERM):
 
     selection_metric = "val_wga"
     headline_metrics = ("test_wga", "test_bca")
-    needs_balanced_stream = True
+    needs_groups = True
 
     @classmethod
     def supports(cls, task) -> bool:
         return task.target.startswith("class:") or task.target == "label"  # binary: tumour present or not (eq. 3)
 
-    def balanced_weights(self, group_counts: dict[int, int]) -> dict[int, float]:
-        total = sum(group_counts.values())
-        k = len(group_counts)
-        return {g: self.hparams.blend / k + (1.0 - self.hparams.blend) * n / total for g, n in group_counts.items()}
+    @classmethod
+    def data_plan(cls, hparams, run: RunInfo) -> DataPlan:
+        """B_b is the plain stream; B_lb (``batch["balanced"]``) is drawn per group (y, [r_tissue >= tau])."""
+        groups = functools.partial(Task(run.target, run.n_classes).groups, tau=run.group_tau)
+        return DataPlan(extra={"balanced": Stream(groups)})
+
+    def stream_weights(self, key: str, counts: dict[int, int]) -> dict[int, float]:
+        """B_lb's group shares: ``blend`` between the data's own shares (0) and uniform over groups (1)."""
+        total = sum(counts.values())
+        k = len(counts)
+        return {g: self.hparams.blend / k + (1.0 - self.hparams.blend) * n / total for g, n in counts.items()}
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         lb = batch["balanced"]

@@ -24,6 +24,7 @@ feature maps; they are permuted to channels-first here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,13 +33,14 @@ from torch import nn
 
 from histoweak import metrics as M
 from histoweak.checkpoint import load_checkpoint
-from histoweak.methods.base import Hparams, Method, Task, register_method
+from histoweak.methods._segmentation import FIGURE_TILES, SegmentationMetrics, images_uint8 as _images_uint8, keep_fixed_tiles
+from histoweak.methods.base import Hparams, Method, RunInfo, SweepContext, Task, register_method
 from histoweak.methods.pscl_loss import DEFAULT_TEMPERATURE, pscl_loss
 from histoweak.models.backbones import create_backbone
 from histoweak.slides.tissue import background_seed
 
 __all__ = ["FIGURE_TILES", "PSCL", "PSCLSegmentation", "SegmentationMetrics", "gate_cams", "keep_fixed_tiles",
-           "normalise_cams", "pseudo_labels_from_cams"]
+           "load_stage1", "normalise_cams", "pseudo_labels_from_cams", "write_pseudo_labels"]
 
 
 def normalise_cams(activations: torch.Tensor) -> torch.Tensor:
@@ -68,25 +70,6 @@ def pseudo_labels_from_cams(cams: torch.Tensor, present: torch.Tensor, backgroun
     return (gated.argmax(1) + 1) * (~background).long()
 
 
-class SegmentationMetrics:
-    """Accumulates a pixel confusion matrix over batches; mIoU, fwIoU, per-class IoU."""
-
-    def __init__(self, n_classes: int):
-        self.cm = np.zeros((n_classes, n_classes), np.int64)
-
-    def update(self, truth: np.ndarray, pred: np.ndarray) -> None:
-        self.cm += M.confusion_matrix(truth, pred, len(self.cm))
-
-    def result(self, prefix: str, names: list[str] | None = None) -> dict[str, float]:
-        iou = M.iou_per_class(self.cm)
-        out = {f"{prefix}_miou": M.mean_iou(self.cm), f"{prefix}_fwiou": M.fw_iou(self.cm),
-               f"{prefix}_miou_fg": float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan"),
-               f"{prefix}_pixel_acc": float(np.trace(self.cm) / max(self.cm.sum(), 1))}
-        for c, v in enumerate(iou):
-            out[f"{prefix}_iou_{names[c] if names else c}"] = float(v)
-        return out
-
-
 class _Encoder(nn.Module):
     """timm ``features_only`` encoder returning channels-first maps (Swin's channels-last ones are permuted)."""
 
@@ -104,10 +87,6 @@ class _Encoder(nn.Module):
                 f = f.permute(0, 3, 1, 2)
             out.append(f.contiguous())
         return out
-
-
-def _images_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 @register_method("pscl")
@@ -136,6 +115,47 @@ class PSCL(Method):
     selection_metric = "val_miou"
     headline_metrics = ("test_miou", "test_fwiou")
     eval_columns = ("mask", "slide_id", "x", "y")  # pixel ground truth; tile keys pick the figures' fixed tiles
+    stage2_keys = frozenset({"loss", "epochs", "steps_per_epoch", "batch_size", "lr", "decoder_width"})
+
+    @classmethod
+    def check_stage2(cls, settings: dict) -> None:
+        if settings.get("loss", "ce") not in ("ce", "nr"):
+            raise ValueError("stage2.loss must be 'ce' or 'nr'")
+
+    @classmethod
+    def stage2(cls, best: dict, ctx: SweepContext) -> dict[str, float]:
+        """Stage 2 from the best trial: write its pseudo-labels (eq. 4.9), train the ``pscl-seg`` decoder on them
+        as the sweep's child run ``stage2``, log its test metrics on the sweep as ``stage2_*``."""
+        ckpt = best.get("best_checkpoint")
+        if not ckpt:
+            raise ValueError(f"sweep {ctx.name!r}: the best trial has no checkpoint for stage 2")
+        st = {"loss": "ce", "epochs": 3, "batch_size": 16, "lr": 1e-3, **ctx.settings}
+        print(f"histoweak: stage 2 on the pseudo-labels of {best['trial']} ({st['loss']} loss)")
+        pseudo = write_pseudo_labels(ckpt, ctx.tile_table, str(ctx.directory / "pseudo_labels"), ctx.n_classes)
+        hp = {"stage1": ckpt, "loss": st["loss"], "lr": st["lr"],
+              **({"decoder_width": st["decoder_width"]} if "decoder_width" in st else {})}
+        out = ctx.train("stage2", {"method": "pscl-seg", "target": "mask", "hparams": hp, "epochs": st["epochs"],
+                                   "batch_size": st["batch_size"], "steps_per_epoch": st.get("steps_per_epoch")},
+                        str(pseudo), {"pseudo_labels": str(pseudo), "stage1_trial": best["trial"]})
+        ctx.log_metrics({f"stage2_{k}": v for k, v in out.test.items()})
+        print("histoweak: stage 2 (decoder on pseudo-labels), test: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in out.test.items() if k.endswith(("miou", "fwiou", "miou_fg"))))
+        return out.test
+
+    @classmethod
+    def test_figures(cls, pred: dict, run: RunInfo, class_names: list[str] | None) -> dict:
+        """The CAM histogram at each class's pixels and the CAM overlays of the fixed test tiles."""
+        from histoweak import figures
+
+        if "cam_hist" not in pred:
+            return {}
+        names = class_names or [str(c) for c in range(pred["cam_hist"].shape[0] + 1)]
+        out = {"test_cam_histogram.png": figures.cam_histogram_figure(pred["cam_hist"], names,
+                                                                      "test: CAM activation at each class's pixels")}
+        if pred.get("image"):
+            out["test_cam_overlays.png"] = figures.cam_overlay_figure(
+                pred, names, "test tiles (fixed set): CAMs, pseudo-labels and ground truth")
+        return out
 
     @classmethod
     def supports(cls, task: Task) -> bool:
@@ -233,29 +253,6 @@ class PSCL(Method):
         return out, {"cam_hist": hist, **samples}
 
 
-#: tiles in the figures of both stages: the same tiles, so stage 2's pictures line up with stage 1's
-FIGURE_TILES = 6
-
-
-def keep_fixed_tiles(samples: dict[str, list], b: dict, tiles: dict[str, np.ndarray], k: int = FIGURE_TILES) -> None:
-    """Keep in ``samples`` the ``k`` tiles with the smallest keys (slide, x, y) seen so far, batch ``b`` included.
-
-    A fixed set of tiles for figures, whatever the batch order. ``tiles`` : per-tile values of ``b``, one
-    row per tile (e.g. ``{"image": (N, H, W, 3) uint8, "mask": (N, H, W) uint8}``); ``samples`` holds a
-    list per name, and the keys (``"<slide>:<x>:<y>"``) under ``key``. A batch without ``slide_id`` is skipped.
-    """
-    if "slide_id" not in b:
-        return
-    n = len(b["slide_id"])
-    xs, ys = b.get("x", [0] * n), b.get("y", [0] * n)
-    samples.setdefault("key", []).extend(f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(b["slide_id"], xs, ys))
-    for name, values in tiles.items():
-        samples.setdefault(name, []).extend(values[i] for i in range(n))
-    order = np.argsort(samples["key"], kind="stable")[:k]
-    for name in samples:
-        samples[name] = [samples[name][j] for j in order]
-
-
 class _FPNDecoder(nn.Module):
     """FPN over the encoder's maps (from ``feature_info``): lateral 1×1, top-down sum, 3×3, fused at the finest level."""
 
@@ -310,6 +307,17 @@ class PSCLSegmentation(Method):
     headline_metrics = ("test_miou", "test_fwiou")
     train_columns = ("mask",)  # the pseudo-labels
     eval_columns = ("slide_id", "x", "y")  # tile keys pick the figures' fixed tiles (stage 1's)
+
+    @classmethod
+    def test_figures(cls, pred: dict, run: RunInfo, class_names: list[str] | None) -> dict:
+        """Stage 1's fixed test tiles: ground truth, the stage-1 pseudo-labels and this decoder's predictions."""
+        from histoweak import figures
+
+        if not pred.get("image"):
+            return {}
+        names = class_names or [str(c) for c in range(run.n_classes)]
+        return {"test_stage2_predictions.png": figures.stage2_prediction_figure(
+            pred, names, "test tiles (stage 1's fixed set): pseudo-labels and predictions")}
 
     @classmethod
     def supports(cls, task: Task) -> bool:
@@ -400,3 +408,50 @@ def load_stage1(checkpoint_dir: str, n_classes: int) -> PSCL:
                      Task(saved["train"]["target"], n_classes))
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def write_pseudo_labels(checkpoint: str, tile_table: str, out_dir: str, n_classes: int, batch_size: int = 32,
+                        progress: bool = True) -> Path:
+    """A tile table whose training tiles carry a stage-1 model's pseudo-labels (eq. 4.9) as their ``mask``.
+
+    Every Parquet file of ``tile_table`` is copied to the same relative path under ``out_dir`` with the
+    train rows' ``mask`` replaced (val/test keep their ground truth), written atomically, so a rerun
+    skips the files already done. Runs in this process (the driver); the manifest records the checkpoint.
+    ``ValueError`` names a checkpoint that is not a safe histoweak checkpoint of a ``pscl`` run.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from histoweak.data.schema import write_table_atomic
+    from histoweak.slides.tiling import decode_image, encode_image
+
+    _, saved = load_checkpoint(checkpoint)
+    if saved["train"]["method"] != "pscl":
+        raise ValueError(f"{checkpoint}: method {saved['train']['method']!r} does not make pseudo-labels")
+    method = load_stage1(checkpoint, n_classes)
+    src, out = Path(tile_table), Path(out_dir)
+    files = sorted(src.rglob("*.parquet"))
+    for f in tqdm(files, desc="pseudo-labels", unit="file", disable=not progress):
+        target = out / f.relative_to(src)
+        if target.exists():
+            continue
+        table = pq.read_table(f)
+        masks = table.column("mask").to_pylist()
+        rows = np.flatnonzero(np.asarray(table.column("split").to_pylist()) == "train")
+        images, labels = table.column("image").to_pylist(), table.column("labels").to_pylist()
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            x = torch.from_numpy(np.stack([decode_image(images[i]) for i in idx])).permute(0, 3, 1, 2).float() / 255
+            y = torch.tensor(np.asarray([labels[i] for i in idx], np.float32))
+            pseudo = method.pseudo_labels({"image": x, "labels": y}).cpu().numpy().astype(np.uint8)
+            for i, p in zip(idx, pseudo):
+                masks[i] = encode_image(p)
+        table = table.set_column(table.schema.get_field_index("mask"), "mask", pa.array(masks, pa.binary()))
+        write_table_atomic(table, target)
+    manifest = json.loads((src / "_manifest.json").read_text())
+    manifest["pseudo_labels"] = {"checkpoint": str(checkpoint), "source": str(src.resolve()), "equation": "PSCL eq. 4.9"}
+    (out / "_manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

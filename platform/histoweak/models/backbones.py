@@ -68,7 +68,7 @@ OFFLINE_WEIGHTS: dict[str, Callable[[nn.Module], list[str]]] = {
 
 
 def create_backbone(name: str, weights: str | Path | None = "imagenet", features_only: bool = False,
-                    num_classes: int = 0, **kwargs) -> nn.Module:
+                    num_classes: int = 0, out_indices: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
     """A timm model with local weights.
 
     Parameters
@@ -77,6 +77,7 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet", features
     weights : ``"imagenet"`` (offline weights from ``OFFLINE_WEIGHTS``), a state-dict path, or None (random)
     features_only : return the multi-scale feature extractor (``feature_info`` gives channels and strides)
     num_classes : classifier outputs (0 = pooled features); ignored with ``features_only``
+    out_indices : with ``features_only``, the feature levels to return (timm's; later stages are not built)
 
     Returns
     -------
@@ -90,7 +91,8 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet", features
         raise ValueError(f"unknown backbone {name!r}: {exc}") from None
     source = _load_weights(model, name, weights)
     if features_only:
-        feat = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
+        extra = {"out_indices": tuple(out_indices)} if out_indices is not None else {}
+        feat = timm.create_model(name, pretrained=False, features_only=True, **extra, **kwargs)
         full = model.state_dict()
         missing = [k for k in feat.state_dict() if k not in full]
         if missing:
