@@ -62,3 +62,20 @@ def test_iou_hand_made_with_absent_class_and_ignore():
     assert np.isnan(iou[3])
     assert M.mean_iou(cm) == pytest.approx(1 / 3)
     assert M.fw_iou(cm) == pytest.approx(2 / 5 * 1 / 3 + 2 / 5 * 2 / 3)
+
+
+def test_segmentation_scores_equal_scikit_learn_on_pixels():
+    """Ciga & Martel's F1 macro and "micro" (per-class F1 weighted by the true pixel shares) and mIoU."""
+    from sklearn.metrics import f1_score, jaccard_score
+
+    from histoweak.metrics import confusion_matrix, segmentation_scores
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(4, size=(3, 40, 40), p=[0.7, 0.2, 0.08, 0.02])
+    pred = np.where(rng.random(truth.shape) < 0.7, truth, rng.integers(0, 4, truth.shape))
+    got = segmentation_scores(confusion_matrix(truth, pred, 5))  # class 4: absent from both, left out
+    t, p = truth.ravel(), pred.ravel()
+    assert got["f1_macro"] == pytest.approx(f1_score(t, p, average="macro"))
+    assert got["f1_micro"] == pytest.approx(f1_score(t, p, average="weighted"))
+    assert got["miou"] == pytest.approx(jaccard_score(t, p, average="macro"))
+    assert got["f1_micro"] != pytest.approx(f1_score(t, p, average="micro"))  # not scikit-learn's "micro" (= accuracy)

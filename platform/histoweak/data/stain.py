@@ -11,6 +11,8 @@ normalised; they are left as they are and counted, never dropped.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 __all__ = ["fit_reference", "normalize_images", "pick_reference"]
@@ -37,7 +39,8 @@ def fit_reference(image: np.ndarray) -> dict[str, list]:
     """
     n = _normalizer()
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an unstained tile: handled below
             n.fit(np.ascontiguousarray(image))
     except (ValueError, np.linalg.LinAlgError, IndexError) as exc:
         raise ValueError(f"stain reference: cannot fit Macenko stains on this tile ({exc})") from None
@@ -57,7 +60,8 @@ def normalize_images(images: np.ndarray, reference: dict) -> tuple[np.ndarray, i
     skipped = 0
     for i, img in enumerate(images):
         try:
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an unstained tile: kept as it is, counted
                 norm, _, _ = n.normalize(np.ascontiguousarray(img), stains=False)
             if not np.isfinite(norm).all():
                 raise ValueError("non-finite")
