@@ -58,22 +58,18 @@ def resolve_checkpoint(run_or_dir: str | Path) -> Path:
         raise ValueError(f"checkpoint {given}: a file, not a checkpoint directory (state.pt + config.json)")
     if not _RUN_ID.fullmatch(given):
         raise ValueError(f"checkpoint {given}: no such directory, and not an MLflow run id (32 hex digits)")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from histoweak.tracking import tracking_uri
+    from histoweak.tracking import run_tag, tracking_uri
 
     uri = tracking_uri()
     try:
-        run = MlflowClient(tracking_uri=uri).get_run(given)
-    except MlflowException:
+        name, tagged = run_tag(given, BEST_CHECKPOINT_TAG, uri)
+    except ValueError:
         raise ValueError(f"checkpoint {given}: no such directory, and no MLflow run {given} in {uri}") from None
-    tagged = run.data.tags.get(BEST_CHECKPOINT_TAG)
     if not tagged:
-        raise ValueError(f"MLflow run {given} ({run.info.run_name}) in {uri} has no tag {BEST_CHECKPOINT_TAG!r}: "
+        raise ValueError(f"MLflow run {given} ({name}) in {uri} has no tag {BEST_CHECKPOINT_TAG!r}: "
                          "give the checkpoint directory instead")
     if not Path(tagged).is_dir():
-        raise ValueError(f"MLflow run {given} ({run.info.run_name}): its {BEST_CHECKPOINT_TAG!r} tag points to "
+        raise ValueError(f"MLflow run {given} ({name}): its {BEST_CHECKPOINT_TAG!r} tag points to "
                          f"{tagged}, which is not a directory here")
     return Path(tagged).resolve()
 

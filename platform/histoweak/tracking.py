@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["child_run", "close_children", "code_version", "dataset_hash", "end_run", "git_commit", "log_figure", "log_metrics", "log_params", "log_table",
-           "child_runs", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "runs_page_url", "set_tags", "source_tags",
+           "child_runs", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "run_tag", "runs_page_url", "set_tags", "source_tags",
            "tracking_uri"]
 
 
@@ -189,6 +189,17 @@ def log_metrics(run_id: str, metrics: dict[str, Any], step: int | None = None, u
 
 def log_params(run_id: str, params: dict[str, Any], uri: str | None = None) -> None:
     _client(uri).log_batch(run_id, params=_params(params))
+
+
+def run_tag(run_id: str, key: str, uri: str | None = None) -> tuple[str, str | None]:
+    """(the run's name, its tag ``key`` or None); ``ValueError`` naming the store when there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _client(uri).get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"no MLflow run {run_id} in {uri or tracking_uri()}") from None
+    return run.info.run_name, run.data.tags.get(key)
 
 
 def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
