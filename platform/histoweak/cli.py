@@ -92,7 +92,8 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Tune's status tables")
     p.add_argument("--stage2", action="store_true",
-                   help="then train the search space's stage-2 decoder on the best trial's pseudo-labels (PSCL)")
+                   help="then run the method's second stage from the best trial, with the search space's `stage2:` "
+                        "settings (PSCL: a decoder on its pseudo-labels)")
 
 
 def run_tiling(args: argparse.Namespace) -> int:
