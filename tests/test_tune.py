@@ -112,6 +112,7 @@ def test_three_trial_sweep_nested_in_mlflow_server(tile_table, ray_local, tmp_pa
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 3.5 min; the default suite resumes a sweep in test_sweep_identity (the same Tuner.restore path)
 def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path):
     """Ctrl-C a 3-trial sweep after its first trial, rerun the same command: it resumes and finishes."""
     import signal
