@@ -15,6 +15,7 @@ import bench_train  # noqa: E402
 import bench_tiling  # noqa: E402
 import gerne_vs_erm  # noqa: E402
 import pscl_vs_cam  # noqa: E402
+import segcls_settings  # noqa: E402
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     train = bench_train.main(["--trials", "4"] if quick else [])
     gerne = gerne_vs_erm.main(["--quick"])  # the full Table 1: python benchmarks/gerne_vs_erm.py
     pscl_cam = pscl_vs_cam.main(["--quick"])  # the full comparison: python benchmarks/pscl_vs_cam.py
+    segcls = segcls_settings.main(["--quick"])  # the full Fig. 5 / Table D.5: python benchmarks/segcls_settings.py
     print("\n== summary ==")
     print(f"tiling: histoweak / DeepZoom single process = {tiling['ratio']:.2f}x (goal >= 1.6x)")
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
@@ -42,6 +44,9 @@ def main() -> None:
     print("gerne vs erm (short form): " + ", ".join(f"test WGA gain at tau={t:g}: {100 * g:+.1f} points"
                                                     for t, g in gerne["wga_gain"].items()))
     print(f"pscl vs cam (short form): pseudo-label test mIoU gain {pscl_cam['miou_gain']:+.1f} points (goal >= +3)")
+    print("segcls (short form): S+C - S, test F1 macro: " + ", ".join(f"{g:+.1f} points at s={s:g} %" for s, g in
+                                                                   segcls["gain"].items())
+          + f"; S+C* - S at 100 %: {segcls['full_gap']:+.1f} (goals: >= +10 at 5 %, within 5 at 100 %)")
     if pscl["max_rel_diff"] is None:
         print("pscl loss: no SupConLoss baseline (pytorch-metric-learning not installed)")
     else:
