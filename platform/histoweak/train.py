@@ -37,7 +37,7 @@ from ray.train.v2.api.callback import UserCallback
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
 from histoweak._ray import verbose
 from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
-                                      read_split_meta, read_tiles, stain_normalize_dataset, torch_batches)
+                                      read_split_meta, read_tiles, stain_batch, stain_normalize_dataset, torch_batches)
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import RunInfo, Task, check_hparams, predict_split, to_device
 
@@ -223,7 +223,7 @@ def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference:
     if not wanted:
         return {}
     table = BalancedSampler.collect(ray.train.get_dataset_shard("sampled"))
-    transform = functools.partial(_stain_batch, reference=stain_reference) if stain_reference else None
+    transform = functools.partial(stain_batch, reference=stain_reference) if stain_reference else None
     out = {}
     for i, (key, stream) in enumerate(wanted):
         sampler = BalancedSampler(table, stream.strata, seed=cfg.seed * 1009 + rank + 7919 * i, augment=cfg.augment,
@@ -233,13 +233,6 @@ def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference:
                   f"at group_tau={cfg.group_tau}; stream {key or 'main'!r} draws from those")
         out[key] = sampler.batches(cfg.batch_size, method.stream_weights(key, sampler.counts))
     return out
-
-
-def _stain_batch(batch: dict, reference: dict) -> dict:
-    from histoweak.data.stain import normalize_images
-
-    batch["image"] = normalize_images(batch["image"], reference)[0]
-    return batch
 
 
 def _maybe_inject_fault(epoch: int, rank: int) -> None:

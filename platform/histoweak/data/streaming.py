@@ -38,6 +38,7 @@ __all__ = [
     "plan_resources",
     "read_split_meta",
     "read_tiles",
+    "stain_batch",
     "stain_normalize_dataset",
     "torch_batches",
 ]
@@ -257,7 +258,8 @@ def read_split_meta(path: str, split: str, columns: Sequence[str], keys: set[str
     return decode_tiles(pa.concat_tables(tables))
 
 
-def _stain(batch: dict, reference: dict) -> dict:
+def stain_batch(batch: dict, reference: dict) -> dict:
+    """A numpy batch with its images Macenko-normalised to ``reference`` (``data.stain``)."""
     from histoweak.data.stain import normalize_images
 
     batch["image"] = normalize_images(batch["image"], reference)[0]
@@ -266,7 +268,7 @@ def _stain(batch: dict, reference: dict) -> dict:
 
 def stain_normalize_dataset(ds, reference: dict):
     """``ds`` with every image Macenko-normalised to ``reference`` (``data.stain``); fused with the decode."""
-    return ds.map_batches(_stain, fn_kwargs={"reference": reference}, batch_format="numpy", batch_size=None)
+    return ds.map_batches(stain_batch, fn_kwargs={"reference": reference}, batch_format="numpy", batch_size=None)
 
 
 def _augment(batch: dict, colour: bool) -> dict:
