@@ -55,6 +55,7 @@ def test_experiments_are_model_training_and_trials_show_the_drivers_source(tmp_p
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # 1.5 min; the stage-2 hook runs in the default suite through `ray job submit` (test_loopback)
 def test_pscl_sweep_with_stage2_as_the_ui_sees_it(tile_table, ray_local, mlflow_server, tmp_path):
     """``jobs/tune_pscl.py --smoke-test --stage2`` against a real ``mlflow server``, then the UI's REST calls."""
     import requests
