@@ -35,6 +35,7 @@ import torch
 from ray.train.v2.api.callback import UserCallback
 
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
+from histoweak.data.schema import tile_keys
 from histoweak._ray import verbose
 from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
                                       read_split_meta, read_tiles, stain_batch, stain_normalize_dataset, torch_batches)
@@ -389,7 +390,7 @@ def _stain_reference(tile_table: str) -> dict:
     from histoweak.data.stain import fit_reference, pick_reference
 
     meta = read_split_meta(tile_table, "train", ["slide_id", "x", "y", "tissue_ratio"])
-    keys = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(meta["slide_id"], meta["x"], meta["y"])]
+    keys = tile_keys(meta["slide_id"], meta["x"], meta["y"])
     i = pick_reference(meta["tissue_ratio"], keys)
     image = read_split_meta(tile_table, "train", ["image"], keys={keys[i]})["image"][0]
     return {**fit_reference(image), "tile": keys[i]}

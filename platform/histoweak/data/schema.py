@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["ROW_GROUP_SIZE", "SCHEMA", "SCHEMA_VERSION", "empty_table", "validate_table", "write_table_atomic"]
+__all__ = ["tile_keys", "ROW_GROUP_SIZE", "SCHEMA", "SCHEMA_VERSION", "empty_table", "validate_table", "write_table_atomic"]
 
 SCHEMA_VERSION = 1
 ROW_GROUP_SIZE = 128  # small row groups: cheap random access and fine-grained streaming
@@ -72,3 +72,9 @@ def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def tile_keys(slide_ids, xs, ys) -> list[str]:
+    """One string per tile, ``"<slide_id>:<x:09d>:<y:09d>"``: unique in a tile table, and sorting by it sorts
+    by slide, then x, then y (level-0 pixels)."""
+    return [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(slide_ids, xs, ys)]

@@ -23,6 +23,7 @@ import pyarrow.compute  # noqa: F401 — pa.compute
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from histoweak.data.augment import augment_batch
+from histoweak.data.schema import tile_keys
 from histoweak.slides.tiling import decode_image
 
 __all__ = [
@@ -235,7 +236,7 @@ def read_split_meta(path: str, split: str, columns: Sequence[str], keys: set[str
     """Columns of one split's rows, read in this process with pyarrow (no Ray), decoded by ``decode_tiles``.
 
     For the driver's planning (a method's ``data_plan``, the stain reference): ask for metadata columns,
-    not images, unless ``keys`` (``"<slide>:<x:09d>:<y:09d>"``) selects a few rows.
+    not images, unless ``keys`` (``schema.tile_keys``) selects a few rows.
     """
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -248,8 +249,7 @@ def read_split_meta(path: str, split: str, columns: Sequence[str], keys: set[str
             t = pq.ParquetFile(fh).read(columns=cols)
         t = t.filter(pa.compute.equal(t.column("split"), split))
         if keys is not None and t.num_rows:
-            k = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in
-                 zip(t.column("slide_id").to_pylist(), t.column("x").to_pylist(), t.column("y").to_pylist())]
+            k = tile_keys(*(t.column(c).to_pylist() for c in ("slide_id", "x", "y")))
             t = t.filter(pa.array([v in keys for v in k]))
         if t.num_rows:
             tables.append(t)

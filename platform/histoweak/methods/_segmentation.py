@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from histoweak import metrics as M
+from histoweak.data.schema import tile_keys
 
 __all__ = ["FIGURE_TILES", "SegmentationMetrics", "images_uint8", "keep_fixed_tiles"]
 
@@ -48,7 +49,7 @@ def keep_fixed_tiles(samples: dict[str, list], b: dict, tiles: dict[str, np.ndar
         return
     n = len(b["slide_id"])
     xs, ys = b.get("x", [0] * n), b.get("y", [0] * n)
-    samples.setdefault("key", []).extend(f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(b["slide_id"], xs, ys))
+    samples.setdefault("key", []).extend(tile_keys(b["slide_id"], xs, ys))
     for name, values in tiles.items():
         samples.setdefault(name, []).extend(values[i] for i in range(n))
     order = np.argsort(samples["key"], kind="stable")[:k]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histoweak import metrics as M
+from histoweak.data.schema import tile_keys
 from histoweak.methods._segmentation import SegmentationMetrics, images_uint8, keep_fixed_tiles
 from histoweak.methods.base import DataPlan, Hparams, Method, RunInfo, Stream, Task, register_method
 from histoweak.models.backbones import create_backbone
@@ -124,19 +125,22 @@ def class_weights(pixel_counts: np.ndarray) -> np.ndarray:
     return w / w[present].mean()
 
 
+def _inside(meta: dict, keys: frozenset) -> np.ndarray:
+    return np.fromiter((k in keys for k in tile_keys(meta["slide_id"], meta["x"], meta["y"])), bool, len(meta["x"]))
+
+
 def _cls_strata(meta: dict, keys: frozenset, dominant: float) -> np.ndarray:
-    k = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(meta["slide_id"], meta["x"], meta["y"])]
-    inside = np.fromiter((v in keys for v in k), bool, len(k))
+    """Classification stream: a chosen classification patch -> its label, any other row -> -1."""
     ratios = meta.get("class_ratios")
     if ratios is None:
-        ratios = np.full((len(k), 1), np.nan)
+        ratios = np.full((len(meta["x"]), 1), np.nan)
     _, lab = tile_roles(ratios, meta.get("label"), dominant)
-    return np.where(inside & (lab >= 0), lab, -1)
+    return np.where(_inside(meta, keys) & (lab >= 0), lab, -1)
 
 
 def _seg_strata(meta: dict, keys: frozenset) -> np.ndarray:
-    k = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(meta["slide_id"], meta["x"], meta["y"])]
-    return np.where(np.fromiter((v in keys for v in k), bool, len(k)), 0, -1)
+    """Main stream: a chosen segmentation patch -> 0, any other row -> -1."""
+    return np.where(_inside(meta, keys), 0, -1)
 
 
 @register_method("segcls")
@@ -178,7 +182,7 @@ class SegCls(Method):
         """The s % of segmentation patches as the main batch, the setting's classification patches as
         ``batch["cls"]`` (masks hidden), the pixel-loss weights from the segmentation patches used."""
         meta = run.meta(["slide_id", "x", "y", "class_ratios", "label"])
-        keys = [f"{s}:{int(x):09d}:{int(y):09d}" for s, x, y in zip(meta["slide_id"], meta["x"], meta["y"])]
+        keys = tile_keys(meta["slide_id"], meta["x"], meta["y"])
         ratios = meta.get("class_ratios")
         if ratios is None:
             ratios = np.full((len(keys), run.n_classes), np.nan)
