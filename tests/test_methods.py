@@ -38,13 +38,14 @@ def _meta(columns):
             "labels": (ratios > 0).astype(np.float32), "tissue_ratio": 1 - ratios[:, 0]}
 
 
-def _with_streams(method, batch: dict, seed: int) -> dict:
-    """``batch`` plus the extra batches the method's data plan draws beside it (e.g. GERNE's ``balanced``)."""
+def _with_streams(method, batch: dict, seed: int, **batch_kw) -> dict:
+    """``batch`` plus the extra batches the method's data plan draws beside it (e.g. GERNE's ``balanced``),
+    made by ``_batch(**batch_kw)``."""
     plan = type(method).data_plan(method.hparams, RunInfo(method.task.target, method.task.n_classes, group_tau=0.5,
                                                           meta=_meta))
     method.set_data_state(plan.state)
     for i, key in enumerate(plan.extra):
-        batch[key] = _batch(seed=seed + 1 + i)
+        batch[key] = _batch(seed=seed + 1 + i, **batch_kw)
     return batch
 
 

@@ -6,15 +6,27 @@ Three layers (Ray's train/tune interop pattern):
   ``ray.train.report``; one report (metrics + checkpoint) per epoch; resumes
   from ``ray.train.get_checkpoint()`` after a failure or a rerun.
 - ``fit(config, tile_table)`` — the driver: builds the ``TorchTrainer``
-  (``use_gpu`` and one worker per GPU when the cluster has GPUs, else CPU
-  workers sized so Ray Data keeps CPUs), runs it, then scores the best
-  checkpoint on the test split.
+  with the workers ``plan_workers`` picks from the cluster's resources
+  (``use_gpu`` and one worker per GPU of all nodes when the cluster has
+  GPUs, else CPU workers sized so Ray Data keeps CPUs), runs it, then scores
+  the best checkpoint on the test split.
 - ``histoweak.tune`` calls ``fit`` once per trial.
 
 Ray Train sets up torch.distributed; ``Method.step`` averages gradients
 across workers between backward and the optimizer step (instead of DDP's
-hooks, which expect one forward per step — GERNE has two). BatchNorm
-statistics stay per worker, as with DDP's default.
+hooks, which expect one forward per step — GERNE's two-pass variant has two).
+``batch_size`` is per worker: W workers step on W × ``batch_size`` tiles, and
+the averaged gradient is the gradient of one process on the workers'
+concatenated batches — ``tests/test_distributed.py`` checks this for every
+registered method, in float32, to 1e-5 of the largest gradient entry. Losses
+that couple the tiles of a batch are computed over the whole step's batch for
+that (``methods.base.gather_across_workers``, ``mean_across_workers``: PSCL's
+contrastive loss, SegCls's weighted pixel cross-entropy). Two things stay per
+worker by design, as in DDP without SyncBatchNorm: BatchNorm normalises with
+each worker's own batch statistics and updates its running statistics from
+them (the checkpoint keeps rank 0's), and dropout / drop-path draw their own
+masks on each worker. The equivalence test therefore runs those modules in
+eval mode.
 """
 
 from __future__ import annotations
@@ -22,13 +34,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,14 +50,17 @@ from ray.train.v2.api.callback import UserCallback
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
 from histoweak.data.schema import tile_keys
 from histoweak._ray import verbose
-from histoweak.data.streaming import (BalancedSampler, add_column, apply_resource_plan, augment_dataset, plan_resources,
-                                      read_split_meta, read_tiles, stain_batch, stain_normalize_dataset, torch_batches)
+from histoweak.data.streaming import (BalancedSampler, ResourcePlan, add_column, apply_resource_plan, augment_dataset,
+                                      plan_resources, read_split_meta, read_tiles, stain_batch, stain_normalize_dataset,
+                                      torch_batches)
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import RunInfo, Task, check_hparams, predict_split, to_device
 
-__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "class_names_of", "evaluate", "fit", "load_trained",
-           "manifest_of", "predict_split", "run_info", "score_checkpoint", "train_loop_per_worker"]
+__all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "WorkerPlan", "class_names_of", "evaluate", "fit",
+           "load_trained", "manifest_of", "plan_workers", "predict_split", "run_info", "score_checkpoint",
+           "train_loop_per_worker"]
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRAIN_COLUMNS = ("image", "labels", "label", "group", "tissue_ratio", "class_ratios")
 
 
@@ -66,6 +82,9 @@ class TrainConfig:
     keep_checkpoints: int | None = 1  # best checkpoints kept (None: every epoch's, for post-hoc selection)
     num_workers: int | None = None  # default: one per GPU, else 1
     use_gpu: bool | None = None  # default: whether the cluster has GPUs
+    # Ray's placement of the workers: PACK (default; fewest nodes, fastest all-reduce) or SPREAD (one per node where
+    # possible: a lost node takes fewer workers, each node's disk and network serve one worker); STRICT_* or fail
+    placement_strategy: str = "PACK"
     max_failures: int = 2
     name: str = "histoweak-train"
     storage_path: str = str(Path(".cache/ray_results").resolve())
@@ -85,6 +104,8 @@ class TrainConfig:
             bad("num_workers", f"must be >= 1, got {self.num_workers}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             bad("keep_checkpoints", f"must be >= 1 or null, got {self.keep_checkpoints}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            bad("placement_strategy", f"must be one of {list(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             bad("max_failures", f"must be >= 0, got {self.max_failures}")
         task = Task(self.target)  # validates the target
@@ -255,7 +276,8 @@ def _maybe_hold(name: str) -> None:
     hold = os.environ.get("HISTOWEAK_HOLD_DIR")
     if not hold:
         return
-    Path(hold, f"started-{name}").touch()
+    with open(Path(hold, f"started-{name}"), "a") as f:  # one line per start: a test can count restarts
+        f.write(f"{os.getpid()}\n")
     while len(list(Path(hold).glob("started-*"))) > 1 and not Path(hold, "release").exists():
         time.sleep(0.2)
 
@@ -264,14 +286,17 @@ def _maybe_trace_worker(epoch: int, rank: int, param_checksum: float, rows: list
     """Distributed-training diagnostics: what each rank did, when the environment asks for it.
 
     ``HISTOWEAK_WORKER_TRACE=<directory>`` (set through ``TrainConfig.worker_env``): every rank
-    appends one JSON line per epoch to ``<directory>/rank<r>.jsonl`` with its ``param_checksum``
-    and the keys ``[slide_id, x, y]`` of the training rows it stepped on (Ray Train keeps only
-    rank 0's reported metrics).
+    appends one JSON line per epoch to ``<directory>/rank<r>.jsonl`` with its ``param_checksum``,
+    the keys ``[slide_id, x, y]`` of the training rows it stepped on (Ray Train keeps only
+    rank 0's reported metrics) and the Ray node it ran on.
     """
     directory = os.environ.get("HISTOWEAK_WORKER_TRACE")
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        line = {"epoch": epoch, "rank": rank, "param_checksum": param_checksum, "rows": [list(r) for r in rows]}
+        import ray
+
+        line = {"epoch": epoch, "rank": rank, "param_checksum": param_checksum, "rows": [list(r) for r in rows],
+                "node_id": ray.get_runtime_context().get_node_id()}
         with open(Path(directory) / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -289,28 +314,68 @@ class MlflowMetricsCallback(UserCallback):
         tracking.log_metrics(self.run_id, m, step=int(m.get("epoch", 0)), uri=self.uri)
 
 
+class WorkerPlan(NamedTuple):
+    """The Ray Train workers of one run (``ray.train.ScalingConfig``'s arguments) and Ray Data's CPU plan.
+
+    data : on CPU workers, how the CPUs are split between the workers and Ray Data (``fit`` caps Ray Data at
+        ``data.data_cpus``); None on GPU workers, where Ray Data uses whatever CPUs the workers leave, on every
+        node (CPU-only worker nodes included).
+    """
+
+    use_gpu: bool
+    num_workers: int
+    resources_per_worker: dict[str, float]
+    data: ResourcePlan | None
+
+
+def plan_workers(config: TrainConfig, cluster_resources: dict[str, float], cpu_share: float | None = None,
+                 gpu_share: float | None = None, node_cpus: float | None = None) -> WorkerPlan:
+    """The workers ``fit`` asks Ray Train for, from the cluster's total resources (``ray.cluster_resources()``).
+
+    A pure function: it never touches Ray or CUDA, so it can be planned (and tested) anywhere.
+
+    - GPUs (``config.use_gpu``, default: the cluster has any): one worker per GPU of the whole cluster — the
+      total over all nodes, e.g. 8 workers on 2 nodes × 4 GPUs — each ``{"GPU": 1, "CPU": 1}``, unless
+      ``config.num_workers`` says how many. ``use_gpu: true`` on a cluster that reports no GPU yet (an
+      autoscaler adds GPU nodes on demand) plans ``num_workers`` (default 1) GPU workers all the same.
+    - CPUs only: ``config.num_workers`` (default 1) workers with the CPU share ``plan_resources`` gives them
+      of ``cpu_share`` (a sweep running k trials at once gives each 1/k of the cluster) or of all the cluster's
+      CPUs — its total, not what is free right now: a cap computed while a previous trial still held its CPUs
+      left Ray Data under one CPU, and a 1-CPU decode task then never starts.
+
+    - ``gpu_share``: the GPUs of one run when a sweep runs several at once (default all of them).
+    - ``node_cpus``: the CPUs of the cluster's largest node. A CPU worker asks for at most that less half a
+      CPU, so that it fits on a node beside Ray Data's tasks: on a multi-node cluster the cluster's total
+      can promise a worker more CPUs than any one node has, and such a worker never starts.
+
+    Raises ``ValueError`` (from ``plan_resources``) on a CPU plan with fewer than 1.5 CPUs.
+    """
+    gpus = int(cluster_resources.get("GPU", 0))
+    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+    num_workers = config.num_workers or (max(int(gpu_share or gpus), 1) if use_gpu else 1)
+    if use_gpu:
+        return WorkerPlan(True, num_workers, {"GPU": 1, "CPU": 1}, None)
+    data = plan_resources(cpu_share or cluster_resources.get("CPU", 1), num_workers)
+    if node_cpus is not None and data.cpus_per_worker > node_cpus - 0.5:
+        data = dataclasses.replace(data, cpus_per_worker=max(0.25, math.floor((node_cpus - 0.5) * 4) / 4))
+    return WorkerPlan(False, num_workers, {"CPU": data.cpus_per_worker}, data)
+
+
 def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | None = None,
-        cpu_share: float | None = None) -> TrainOutcome:
+        cpu_share: float | None = None, gpu_share: float | None = None) -> TrainOutcome:
     """Train ``config`` on the tile table's train split, select on val, score the best checkpoint on test.
 
-    ``cpu_share``: the CPUs this run may plan with on a CPU-only cluster (a sweep running k trials at
+    ``cpu_share`` / ``gpu_share``: the CPUs / GPUs this run may plan with (a sweep running k trials at
     once gives each 1/k of the cluster); default all of them.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
-    num_workers = config.num_workers or (max(gpus, 1) if use_gpu else 1)
-    if use_gpu:
-        resources = {"GPU": 1, "CPU": 1}
-    else:
-        # The cluster's CPUs, not what is free right now: a cap computed while a previous trial still
-        # held its CPUs left Ray Data under one CPU, and a 1-CPU decode task then never starts.
-        plan = plan_resources(cpu_share or ray.cluster_resources().get("CPU", 1), num_workers)
-        apply_resource_plan(plan)
-        resources = {"CPU": plan.cpus_per_worker}
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=None)
+    workers = plan_workers(config, ray.cluster_resources(), cpu_share, gpu_share, node_cpus)
+    if workers.data is not None:
+        apply_resource_plan(workers.data)
     method_cls = METHODS[config.method]
     cols = list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns]))
     if "HISTOWEAK_WORKER_TRACE" in config.worker_env:  # the trace names the rows each rank trained on
@@ -347,7 +412,9 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                               resources_per_worker=workers.resources_per_worker,
+                                               placement_strategy=config.placement_strategy),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
         run_config=run_config,
@@ -363,16 +430,18 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
 
 
 def manifest_of(tile_table: str) -> dict:
-    """A local tile table's ``_manifest.json`` ({} when it has none or is remote)."""
+    """A tile table's ``_manifest.json``, local or remote (``s3://…``); {} when it has none or it cannot be read."""
+    from histoweak.data.tiling_job import read_manifest
+
     try:
-        manifest = json.loads((Path(tile_table) / "_manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(tile_table)
+    except (OSError, ValueError):  # pyarrow's errors are OSError (I/O) or ValueError (a malformed URI)
         return {}
     return manifest if isinstance(manifest, dict) else {}
 
 
 def class_names_of(tile_table: str) -> list[str] | None:
-    """Class names from a local tile table's manifest (None when it has none or is remote)."""
+    """Class names from a tile table's manifest, local or remote (None when it has none)."""
     classes = manifest_of(tile_table).get("classes")
     return list(classes) if classes else None
 

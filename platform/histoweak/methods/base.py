@@ -25,8 +25,8 @@ from torch import nn
 from histoweak import metrics as M
 
 __all__ = ["GROUP_NAMES", "METHODS", "DataPlan", "Hparams", "Method", "RunInfo", "Stream", "SweepContext", "Task",
-           "average_gradients", "build_method", "check_hparams", "predict_split", "register_method", "tissue_groups",
-           "to_device"]
+           "average_gradients", "build_method", "check_hparams", "gather_across_workers", "mean_across_workers",
+           "predict_split", "register_method", "tissue_groups", "to_device"]
 
 #: names of the groups ``tissue_groups`` returns, by index
 GROUP_NAMES = ("y=0, small tissue", "y=0, large tissue", "y=1, small tissue", "y=1, large tissue")
@@ -224,6 +224,77 @@ def average_gradients(module: nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_across_workers(x: torch.Tensor) -> torch.Tensor:
+    """Every torch.distributed worker's ``x`` concatenated along dim 0 in rank order (``x`` itself without a
+    process group of 2+); workers may hold different numbers of rows.
+
+    For a loss that couples the samples of a batch (a contrastive loss over all of its pixels): each worker
+    computes the loss of the whole step's batch from the gathered tensor. The gather is differentiable and its
+    backward sums the W workers' gradients for each worker's rows, so with W identical losses every row gets
+    W · dL/dx, and ``average_gradients`` divides by W: exactly the single-process gradient on the concatenated
+    batch. Every worker must call it, and run backward, at the same point of the step.
+    """
+    world = _world_size()
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    top = max(sizes)
+    if x.shape[0] < top:  # the collective needs one shape on every worker
+        x = torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
+    return torch.cat([part[:s] for part, s in zip(_AllGather.apply(x), sizes)])
+
+
+class _AllGather(torch.autograd.Function):
+    """(W, *x.shape): every worker's ``x``; backward sums the W workers' gradients and keeps this worker's part.
+
+    (``torch.distributed.nn.functional.all_gather`` does the same but is deprecated in torch 2.14.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+@torch.no_grad()
+def mean_across_workers(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over torch.distributed workers, without gradient (``x`` detached without a process group).
+
+    For a batch-wide normaliser, e.g. the sum of the weights of a weighted mean: dividing each worker's sum by the
+    mean over workers of its normaliser makes the averaged gradient the one of the whole step's batch.
+    """
+    x = x.detach().clone()
+    world = _world_size()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+        x /= world
+    return x
 
 
 def to_device(batch: dict, device) -> dict:

@@ -19,6 +19,10 @@ stage-1 CAMs).
 Defaults follow the thesis: Swin-T (give ImageNet weights as a local path),
 τ = 0.25, λ = 0.1, gating threshold 0.8. timm's Swin returns channels-last
 feature maps; they are permuted to channels-first here.
+
+Data parallel: with several training workers the contrastive loss is over the
+pixels of all workers' batches (``gather_across_workers``), as it is in one
+process on their concatenation (``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from torch import nn
 from histoweak import metrics as M
 from histoweak.checkpoint import load_checkpoint
 from histoweak.methods._segmentation import FIGURE_TILES, SegmentationMetrics, images_uint8 as _images_uint8, keep_fixed_tiles
-from histoweak.methods.base import Hparams, Method, RunInfo, SweepContext, Task, register_method
+from histoweak.methods.base import (Hparams, Method, RunInfo, SweepContext, Task, gather_across_workers,
+                                    register_method)
 from histoweak.methods.pscl_loss import DEFAULT_TEMPERATURE, pscl_loss
 from histoweak.models.backbones import create_backbone
 from histoweak.slides.tissue import background_seed
@@ -201,8 +206,13 @@ class PSCL(Method):
                 bg = self.background(images)[:, None].float()
                 bg = F.adaptive_avg_pool2d(bg, cams.shape[-2:]) > 0.5
                 cams = torch.cat([bg.to(cams.dtype), cams], 1)
-        loss_pscl = pscl_loss(f.float(), cams, tau=self.hparams.tau, temperature=self.hparams.temperature,
-                              max_pixels=self.hparams.max_pixels, generator=self._pscl_generator)
+        # Eq. 4.8 contrasts every kept pixel of the step's batch with every other; under data parallelism that
+        # batch is the union of the workers' batches, so each worker computes the loss over the gathered pixels
+        # (the same value everywhere, and the same max_pixels sample: the generators advance in step) and
+        # the averaged gradient is the single-process one on the concatenated batch.
+        loss_pscl = pscl_loss(gather_across_workers(f.float()), gather_across_workers(cams), tau=self.hparams.tau,
+                              temperature=self.hparams.temperature, max_pixels=self.hparams.max_pixels,
+                              generator=self._pscl_generator)
         loss = loss_cls + self.hparams.lam * loss_pscl
         return loss, {"loss_cls": float(loss_cls.detach()), "loss_pscl": float(loss_pscl.detach())}
 

@@ -41,7 +41,8 @@ from torch import nn
 from histoweak import metrics as M
 from histoweak.data.schema import tile_keys
 from histoweak.methods._segmentation import SegmentationMetrics, images_uint8, keep_fixed_tiles
-from histoweak.methods.base import DataPlan, Hparams, Method, RunInfo, Stream, Task, register_method
+from histoweak.methods.base import (DataPlan, Hparams, Method, RunInfo, Stream, Task, mean_across_workers,
+                                    register_method)
 from histoweak.models.backbones import create_backbone
 
 __all__ = ["ROLE_CLS", "ROLE_IGNORED", "ROLE_SEG", "SETTINGS", "SegCls", "class_weights", "subsets", "tile_roles"]
@@ -250,7 +251,12 @@ class SegCls(Method):
         return self.classifier(self.segment_low(images))
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        loss_seg = F.cross_entropy(self(batch["image"]), batch["mask"].long(), weight=self.pixel_weights)
+        target = batch["mask"].long()
+        # The weighted mean Σ w·ℓ / Σ w over the step's batch. Under data parallelism each worker divides its sum
+        # by the workers' mean Σ w, so the averaged gradient is that of the union's weighted mean; with its own
+        # Σ w, a worker's pixels would count more or less by its own batch's class mix.
+        loss_seg = (F.cross_entropy(self(batch["image"]), target, weight=self.pixel_weights, reduction="sum")
+                    / mean_across_workers(self.pixel_weights[target].sum()))
         logs = {"loss_seg": float(loss_seg.detach())}
         if "cls" not in batch:
             return loss_seg, logs
