@@ -52,3 +52,19 @@ def test_local_weights_path_and_errors(tmp_path):
         create_backbone("resnet34", weights=tmp_path / "r18.pt")
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         create_backbone("nope", weights=None)
+
+
+def test_features_only_swin_gets_the_weights_of_its_renamed_stages(tmp_path):
+    """timm's feature wrapper renames Swin's stages (layers.0 -> layers_0): a local state dict still lands in every
+    tensor of the feature extractor (PSCL's default encoder)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = create_backbone("swin_tiny_patch4_window7_224", weights=None)
+    torch.save(full.state_dict(), tmp_path / "swin.pt")
+    feat = create_backbone("swin_tiny_patch4_window7_224", weights=tmp_path / "swin.pt", features_only=True)
+    ref = full.state_dict()
+    got = feat.state_dict()
+    assert torch.equal(got["layers_3.blocks.1.mlp.fc2.weight"], ref["layers.3.blocks.1.mlp.fc2.weight"])
+    assert all(torch.equal(v, ref[k.replace("layers_", "layers.", 1)]) for k, v in got.items())

@@ -13,6 +13,8 @@ The returned model carries ``model.weights_source`` so runs can record it.
 
 from __future__ import annotations
 
+import re
+
 import importlib.metadata
 import warnings
 from pathlib import Path
@@ -94,10 +96,12 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet", features
         extra = {"out_indices": tuple(out_indices)} if out_indices is not None else {}
         feat = timm.create_model(name, pretrained=False, features_only=True, **extra, **kwargs)
         full = model.state_dict()
-        missing = [k for k in feat.state_dict() if k not in full]
+        # timm's feature wrappers flatten nested stage names ("layers.0.blocks…" -> "layers_0.blocks…", Swin)
+        keys = {k: k if k in full else re.sub(r"^([A-Za-z]+)_(\d+)\.", r"\1.\2.", k) for k in feat.state_dict()}
+        missing = [k for k, src in keys.items() if src not in full]
         if missing:
             raise ValueError(f"features_only {name!r}: no weights for {missing[:5]}")
-        feat.load_state_dict({k: full[k] for k in feat.state_dict()})
+        feat.load_state_dict({k: full[src] for k, src in keys.items()})
         model = feat
     model.weights_source = source
     return model
