@@ -2,7 +2,10 @@
 
     ray job submit --working-dir . -- python jobs/tile_slides.py SLIDES OUT [--masks DIR] [--classes classes.json]
 
-SLIDES is a directory, a glob pattern or a CSV (slide_id,path[,mask_path,label,split]).
+SLIDES is a directory, a glob pattern or a CSV (slide_id,path[,mask_path,label,split]) of local files
+(OpenSlide reads only local files: on a cluster, every node must see them at the same path). OUT is a
+directory or a URI every node can write, e.g. s3://bucket/tiles/name, with credentials and endpoint from
+the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL).
 --smoke-test tiles a tiny synthetic dataset instead.
 """
 

@@ -20,6 +20,10 @@ Distributions: ``choice``, ``grid``, ``uniform``, ``loguniform``, ``randint``.
 Every key and value is checked on load; a bad one fails, naming it, before
 any work. Each trial is a run nested under the sweep's MLflow run; an
 interrupted sweep resumes (``Tuner.restore``) when rerun.
+
+The storage (``--storage``) is a local directory or a URI such as ``s3://bucket/ray-results`` that every
+node of a cluster sees: Ray Tune and Train write there through pyarrow, and so does this module
+(``histoweak._storage``), so a sweep resumes from S3 the way it resumes from a local directory.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from histoweak import _storage
 from histoweak.methods import METHODS
 from histoweak.train import TrainConfig, class_names_of
 
@@ -234,18 +239,27 @@ def trial(config: dict, ctx: dict) -> None:
                                 ctx["tags"], uri)
     status = "FAILED"
     try:
-        out = fit(cfg, ctx["tile_table"], ctx["n_classes"], cpu_share=ctx["cpu_share"],
+        out = fit(cfg, ctx["tile_table"], ctx["n_classes"], cpu_share=ctx["cpu_share"], gpu_share=ctx["gpu_share"],
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
         final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
-        tracking.set_tags(run_id, {"best_checkpoint": out.checkpoint or ""}, uri)
+        checkpoint = _checkpoint_location(out.checkpoint, ctx["storage"])
+        tracking.set_tags(run_id, {"best_checkpoint": checkpoint or ""}, uri)
         tracking.log_params(run_id, {f"data.{k}": v for k, v in out.data_state.items()}, uri)
         _log_test_figures(run_id, uri, out.test_predictions, cfg, ctx["tile_table"], ctx["n_classes"],
                           ctx.get("class_names"))
-        ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id, "best_checkpoint": out.checkpoint})
+        ray.tune.report({**out.metrics, **final, "mlflow_run_id": run_id, "best_checkpoint": checkpoint})
         status = "FINISHED"
     finally:
         tracking.end_run(run_id, status, uri)
+
+
+def _checkpoint_location(path: str | None, storage: str) -> str | None:
+    """A checkpoint's location as a user can open it: Ray gives its path on the storage's filesystem,
+    which on S3 lacks the ``s3://`` that makes it a location."""
+    if path and _storage.is_remote(storage) and not _storage.is_remote(path):
+        return f"{urlsplit(storage).scheme}://{path}"
+    return path
 
 
 def _log_test_figures(run_id: str, uri: str, pred: dict, cfg: TrainConfig, tile_table: str, n_classes: int,
@@ -291,7 +305,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 class SweepPlan:
     """Where a sweep lives and whether it resumes: a sweep is identified by what it computes."""
 
-    directory: Path  # <storage>/<name>-<key>: Ray Tune's experiment directory
+    directory: Path | str  # <storage>/<name>-<key>, Ray Tune's experiment directory: a local Path or a URI
     identity: dict[str, str]  # hashes of the search space (after overrides), the data and the code
     resume: bool
     restart: bool  # the same sweep exists and the user asked for a clean start
@@ -300,6 +314,14 @@ class SweepPlan:
 
 _IDENTITY_NAMES = {"space": "search space (after --set/--seeds/--smoke-test)", "data": "data", "code": "code"}
 _SWEEP_FILE = "histoweak_sweep.json"
+
+
+def _store_key(uri: str) -> str:
+    """A tracking URI as the sweep file records it: without a user or password (those stay in the environment)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _digest(value: Any) -> str:
@@ -327,24 +349,30 @@ def plan_sweep(space: SearchSpace, tile_table: str, storage: str | Path, restart
     """
     from ray import tune
 
+    if _storage.is_remote(tile_table):
+        _storage.check_location(tile_table)  # it is recorded in the sweep file and in MLflow
+    storage = _storage.resolve(storage)
     identity = sweep_identity(space, tile_table)
-    directory = Path(storage).resolve() / f"{space.name}-{_digest(identity)[:10]}"
+    directory = _storage.join(storage, f"{space.name}-{_digest(identity)[:10]}")
+    name = _storage.name(directory)
     exists = tune.Tuner.can_restore(str(directory))
     if exists and not restart:
         return SweepPlan(directory, identity, True, False,
-                         f"resuming sweep {directory.name} (same search space, data and code; "
+                         f"resuming sweep {name} (same search space, data and code; "
                          f"--restart starts it afresh): {directory}")
     if exists:
-        return SweepPlan(directory, identity, False, True, f"--restart: starting sweep {directory.name} afresh")
+        return SweepPlan(directory, identity, False, True, f"--restart: starting sweep {name} afresh")
     earlier = []
-    for f in Path(storage).resolve().glob(f"{space.name}-*/{_SWEEP_FILE}"):
-        try:
-            saved = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if saved.get("name") == space.name and f.parent != directory:
-            earlier.append((f.stat().st_mtime, f.parent.name, saved.get("identity", {})))
-    message = f"new sweep {directory.name}"
+    for d in _storage.list_dir(storage):
+        if not d.is_file and d.base_name.startswith(f"{space.name}-") and d.base_name != name:
+            f = _storage.join(storage, d.base_name, _SWEEP_FILE)
+            try:
+                saved = json.loads(_storage.read_text(f))
+                if saved.get("name") == space.name:
+                    earlier.append((_storage.mtime(f), d.base_name, saved.get("identity", {})))
+            except (OSError, ValueError):
+                continue
+    message = f"new sweep {name}"
     if earlier:
         _, name, old = max(earlier)
         differs = [_IDENTITY_NAMES[k] for k in identity if old.get(k) != identity[k]]
@@ -376,27 +404,34 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
 
     from histoweak import figures, tracking
 
+    if stage2 and _storage.is_remote(storage):
+        raise ValueError(f"--stage2 with --storage {storage}: the second stage writes its tables (e.g. PSCL's "
+                         "pseudo-labels) into the sweep's directory, which must be local for now; "
+                         "use a local or shared-filesystem --storage")
     uri = tracking.tracking_uri()
+    store = _store_key(uri)
     plan = plan_sweep(space, tile_table, storage, restart)
     sweep_dir = plan.directory
+    sweep_file = _storage.join(sweep_dir, _SWEEP_FILE)
     print(f"histoweak: {plan.message}")
     if plan.restart:
-        shutil.rmtree(sweep_dir)
+        _storage.remove_tree(sweep_dir)
     tags = {"method": space.method, "dataset": str(tile_table), "dataset_hash": plan.identity["data"],
             "code_version": plan.identity["code"], "space_hash": plan.identity["space"],
             "git_commit": tracking.git_commit(Path(__file__).parent), "sweep": space.name,
             "sweep_dir": str(sweep_dir)}
     state = {}
-    if plan.resume and (sweep_dir / _SWEEP_FILE).exists():
-        state = json.loads((sweep_dir / _SWEEP_FILE).read_text())
+    if plan.resume and _storage.exists(sweep_file):
+        state = json.loads(_storage.read_text(sweep_file))
     runs = state.get("runs", {})  # tracking store -> the sweep's run there
     copied_from = None
-    if plan.resume and tracking.run_in_store(runs.get(uri), uri):
-        parent_id = runs[uri]
+    if plan.resume and tracking.run_in_store(runs.get(store), uri):
+        parent_id = runs[store]
         tracking.reopen_run(parent_id, uri)
     else:
         if plan.resume:
-            earlier = [u for u in runs if u != uri] + ([f"{uri} (run {runs[uri]}, since deleted)"] if uri in runs else [])
+            earlier = [u for u in runs if u != store] + (
+                [f"{store} (run {runs[store]}, since deleted)"] if store in runs else [])
             copied_from = ", ".join(earlier) or "an earlier store"
             print(f"histoweak: this sweep was recorded in {copied_from}, not in {uri}: recording it there, its "
                   "finished trials copied from Ray Tune's records (their figures stay where they were)")
@@ -406,9 +441,8 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                                          **_flat(space.hparams, "hparams."),
                                          **{f"space.{k}": v for k, v in space.params.items()}},
                                         {**tags, **({"copied_from_store": copied_from} if copied_from else {})}, uri)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / _SWEEP_FILE).write_text(json.dumps(
-            {"name": space.name, "identity": plan.identity, "runs": {**runs, uri: parent_id},
+        _storage.write_text(sweep_file, json.dumps(
+            {"name": space.name, "identity": plan.identity, "runs": {**runs, store: parent_id},
              "search_space": space.source, "tile_table": str(tile_table)}, indent=2))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -425,6 +459,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         _log_sweep_figures(space, tile_table, n_classes, parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
            "cpu_share": None if gpus else cpus / concurrency,
+           "gpu_share": gpus / concurrency if gpus else None,  # k trials at once: each plans with 1/k of the GPUs
            "storage": str(sweep_dir), "tracking_uri": uri, "parent_run_id": parent_id, "tags": tags,
            "class_names": class_names_of(str(tile_table))}
     # The trial function only drives Ray Train (whose workers hold the real resources): a token CPU share.
@@ -444,7 +479,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                 tune_config=tune.TuneConfig(metric=space.metric,  # every epoch reports it; best_* only at the end
                                             mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
                                             max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                run_config=tune.RunConfig(name=_storage.name(sweep_dir), storage_path=str(_storage.parent(sweep_dir)),
                                           verbose=1 if verbose else 0, callbacks=callbacks),
             )
         grid = tuner.fit()
@@ -495,16 +530,21 @@ def _score_stopped_trials(grid, space: SearchSpace, ctx: dict, uri: str) -> None
         sign = 1.0 if METHODS[cfg.method].selection_mode == "max" else -1.0
         score = {int(e): sign * v for e, v in zip(df["epoch"], df.get(sel, [])) if v == v}
         name = f"trial_{m['trial_id']}"
+        trial_dir = _storage.join(ctx["storage"], "trials", name)
+        fs, _ = _storage.filesystem(trial_dir)
         kept = []
-        for c in (Path(ctx["storage"]) / "trials" / name).glob("checkpoint_*"):
-            try:
-                kept.append((score.get(int(load_checkpoint(c)[1]["epoch"]), -math.inf), str(c)))
+        for c in _storage.list_dir(trial_dir):
+            if c.is_file or not c.base_name.startswith("checkpoint_"):
+                continue
+            try:  # local: the directory itself; remote: a downloaded copy
+                with ray.train.Checkpoint(c.path, filesystem=fs).as_directory() as d:
+                    kept.append((score.get(int(load_checkpoint(d)[1]["epoch"]), -math.inf), c.path))
             except (ValueError, KeyError):
                 continue
         if not kept:
             continue
         best_path = max(kept)[1]
-        test, pred = score_checkpoint(ray.train.Checkpoint.from_directory(best_path), ctx["tile_table"],
+        test, pred = score_checkpoint(ray.train.Checkpoint(best_path, filesystem=fs), ctx["tile_table"],
                                       ctx["n_classes"], "test")
         runs = runs if runs is not None else tracking.child_runs(ctx["parent_run_id"], uri)
         run_id = runs.get(name)
@@ -512,7 +552,8 @@ def _score_stopped_trials(grid, space: SearchSpace, ctx: dict, uri: str) -> None
             tracking.log_metrics(run_id, test, step=cfg.epochs, uri=uri)
             _log_test_figures(run_id, uri, pred, cfg, ctx["tile_table"], ctx["n_classes"], ctx.get("class_names"))
             tracking.end_run(run_id, "KILLED", uri)  # stopped by the scheduler (its trial may have ended it FAILED)
-        m.update({**test, "stopped_after_epoch": int(df["epoch"].max()), "best_checkpoint": best_path,
+        m.update({**test, "stopped_after_epoch": int(df["epoch"].max()),
+                  "best_checkpoint": _storage.uri_of(fs, best_path),
                   "mlflow_run_id": run_id})
 
 
