@@ -2,7 +2,6 @@
 `ray job submit` against such a head works."""
 
 import io
-import ipaddress
 import json
 import os
 import subprocess
@@ -17,20 +16,9 @@ import pytest
 from PIL import Image
 
 from histoweak._ray import LOOPBACK_ENV
+from histoweak.local_cluster import cluster_pids
 
-
-def _is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return (mapped or addr).is_loopback
-
-
-def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
-    out = []
-    for c in psutil.net_connections(kind="inet"):
-        if c.status == psutil.CONN_LISTEN and c.pid in pids:
-            out.append((c.pid, c.laddr.ip, c.laddr.port))
-    return out
+from _net import is_loopback, listening, wait_for
 
 
 def _ray_pids() -> set[int]:
@@ -44,40 +32,9 @@ def _ray_pids() -> set[int]:
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):
-    listening = _listening(_ray_pids() | {os.getpid()})
-    assert listening, "no Ray server found"
-    assert all(_is_loopback(ip) for _, ip, _ in listening), listening
-
-
-def _head_pids(temp: str, gcs_address: str) -> set[int]:
-    """The processes of the head started with ``--temp-dir=temp``: those whose command lines name its temp dir or
-    its GCS address (the Ray client server), and all their descendants (agents rename themselves, e.g.
-    ``ray::DashboardAgent``, and so name neither)."""
-    roots = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if temp in cmd or gcs_address in cmd:
-            roots.append(p)
-    pids = {p.pid for p in roots}
-    for p in roots:
-        try:
-            pids.update(c.pid for c in p.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    return pids
-
-
-def _wait_for(condition, what: str, timeout: float, interval: float = 0.5):
-    """Poll ``condition() -> (done, seen)`` every ``interval`` s; return ``seen`` once done, or fail after ``timeout``
-    s showing what was last seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, seen = condition()
-        if done:
-            return seen
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s; last seen: {seen}")
-        time.sleep(interval)
+    seen = listening(_ray_pids() | {os.getpid()})
+    assert seen, "no Ray server found"
+    assert all(is_loopback(ip) for _, ip, _ in seen), seen
 
 
 def _mask(data: bytes) -> np.ndarray:
@@ -120,7 +77,7 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "PATH": bindir + os.pathsep + os.environ["PATH"]}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     temp, gcs = f"/tmp/hw-ray-head-{os.getpid()}", "127.0.0.1:6391"
-    before = _ray_pids() | _head_pids(temp, gcs)  # never stop what this test did not start
+    before = _ray_pids() | cluster_pids(temp, gcs)  # never stop what this test did not start
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            "--port=6391", "--dashboard-port=8271", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
            # distinct agent ports: the session's local Ray (other tests) holds the defaults
@@ -128,14 +85,14 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
            "--metrics-export-port=52469", "--min-worker-port=20000", "--max-worker-port=20999"]
 
     def head_listening():
-        listening = _listening(_head_pids(temp, gcs) - before)
+        seen = listening(cluster_pids(temp, gcs) - before)
         # GCS, dashboard (job server) and the dashboard agent that runs submitted jobs are up
-        return {6391, 8271, 52466} <= {port for _, _, port in listening}, listening
+        return {6391, 8271, 52466} <= {port for _, _, port in seen}, seen
 
     try:
         subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-        listening = _wait_for(head_listening, "the head's GCS, dashboard and agent ports listening", timeout=120)
-        assert all(_is_loopback(ip) for _, ip, _ in listening), listening
+        seen = wait_for(head_listening, "the head's GCS, dashboard and agent ports listening", timeout=120)
+        assert all(is_loopback(ip) for _, ip, _ in seen), seen
         # and a job submitted to it the way the README says runs to completion
         repo = Path(__file__).resolve().parents[1]
 
@@ -146,7 +103,7 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
             # the agent registers with the head shortly after its port opens
             return "No available agent" not in job.stderr + job.stdout, job
 
-        job = _wait_for(submitted, "a job accepted by the head's agent", timeout=120)
+        job = wait_for(submitted, "a job accepted by the head's agent", timeout=120)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert "tiles from 3/3 slides" in job.stdout
         # the flagship PSCL sweep, submitted the same way, records into the MLflow store the submitter names
@@ -172,13 +129,13 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
         assert len(stage2) == 1 and "test_miou" in stage2[0].data.metrics
         _check_pseudo_label_table(storage)
         # nothing the jobs started on the head listens beyond loopback either
-        listening = _listening(_head_pids(temp, gcs) - before)
-        assert all(_is_loopback(ip) for _, ip, _ in listening), listening
+        seen = listening(cluster_pids(temp, gcs) - before)
+        assert all(is_loopback(ip) for _, ip, _ in seen), seen
     finally:
         # Not `ray stop`: it would also kill the session's local Ray that other tests use. This head's processes
         # as found now (a pid seen earlier may since belong to someone else).
         procs = []
-        for p in _head_pids(temp, gcs) - before:
+        for p in cluster_pids(temp, gcs) - before:
             try:
                 procs.append(psutil.Process(p))
             except psutil.NoSuchProcess:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
-__all__ = ["LOOPBACK_ENV", "RayDataConsoleFilter", "configure_console", "init_ray", "verbose"]
+__all__ = ["LOOPBACK_ENV", "RayDataConsoleFilter", "configure_console", "init_ray", "release_cpus", "request_cpus",
+           "verbose"]
 
 # Measured on Ray 2.60: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 a local node binds the
 # machine's external interface even when told 127.0.0.1, and a driver can hang in ray.init.
@@ -71,6 +74,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **common)
+        _pin_ray_data_actors()
         return
     # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
     # CPUs of a trial stopped early by ASHA stay reserved and the next trial's Ray Data tasks never start.
@@ -82,3 +86,61 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
         _temp_dir=temp_dir or os.environ.get("HISTOWEAK_RAY_TMP"),
         **common,
     )
+
+
+def _pin_ray_data_actors() -> None:
+    """Create Ray Data's two detached actors (its stats actor and autoscaling coordinator) on this driver's node.
+
+    Ray Data creates them on the node of their first user and never ends them. On an autoscaling cluster
+    that is often a worker node (a Train worker streaming its shard), which then never counts as idle and is
+    never removed (measured with Ray 2.60's autoscaler: one worker node kept for good after a sweep). Drivers
+    run on the head, which stays anyway. Private Ray Data functions: if they move, nothing worse than before.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
+            get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    except (ImportError, AttributeError):  # pragma: no cover — a Ray version without them
+        pass
+
+
+def request_cpus(cpus: float | None, timeout: float = 600.0, poll: float = 1.0) -> float:
+    """Ask the cluster's autoscaler for ``cpus`` CPUs in all, and wait until they are there (or ``timeout`` s).
+
+    Runs plan from the cluster's resources when they start (``train.fit``, ``tune.run_sweep``): on an
+    autoscaling cluster that still holds only its head, that is too little. This asks the autoscaler first
+    (``ray.autoscaler.sdk.request_resources``), prints how many CPUs have arrived, and returns the CPUs the
+    cluster has when they are all there or the time is up (then the run plans with what there is). Without
+    an autoscaler nothing arrives: it waits only when the cluster has fewer than ``cpus``.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    have = float(ray.cluster_resources().get("CPU", 0))
+    if not cpus or have >= cpus:
+        return have
+    request_resources(num_cpus=int(math.ceil(cpus)))
+    print(f"histoweak: asked the autoscaler for {cpus:g} CPUs; the cluster has {have:g}", flush=True)
+    deadline, shown = time.monotonic() + timeout, have
+    while have < cpus and time.monotonic() < deadline:
+        time.sleep(poll)
+        have = float(ray.cluster_resources().get("CPU", 0))
+        if have != shown:
+            print(f"histoweak: the cluster has {have:g}/{cpus:g} CPUs", flush=True)
+            shown = have
+    if have < cpus:
+        print(f"histoweak: warning: {have:g} of {cpus:g} CPUs after {timeout:.0f} s; planning with {have:g}",
+              flush=True)
+    return have
+
+
+def release_cpus() -> None:
+    """Withdraw ``request_cpus``'s request, so the autoscaler may remove nodes once they are idle."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if ray.is_initialized():
+        request_resources(num_cpus=0)

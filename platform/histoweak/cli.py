@@ -1,4 +1,5 @@
-"""The ``histoweak`` command: ``synth``, ``tile``, ``import``, ``train``, ``tune``, ``report``, ``analyze``, ``predict``."""
+"""The ``histoweak`` command: ``synth``, ``tile``, ``import``, ``train``, ``tune``, ``report``, ``analyze``, ``predict``,
+``local-cluster``."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     """
     from histoweak.slides.tiling import PARAM_CHOICES, TilingParams
 
-    p.add_argument("slides", help="directory, glob pattern, or CSV (slide_id,path[,mask_path,label,split])")
-    p.add_argument("out", help="output directory of the tile table")
+    p.add_argument("slides", help="directory, glob pattern, or CSV (slide_id,path[,mask_path,label,split]); "
+                                  "local files (OpenSlide reads only local files)")
+    p.add_argument("out", help="output directory of the tile table, or a URI (s3://bucket/prefix; credentials and "
+                               "endpoint from the environment, e.g. AWS_ENDPOINT_URL)")
     p.add_argument("--masks", help="directory of class-index masks named <slide stem>.tiff or .png")
     p.add_argument("--classes", help="classes.json mapping index -> name (0 = background)")
     p.add_argument("--source", default=None, help="dataset name stored in each row (default: output dir name)")
@@ -83,11 +86,13 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
                    help="fix a setting, e.g. --set hparams.backbone=resnet50 --set train.epochs=10 (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="repeat every configuration with seeds 0..N-1")
     p.add_argument("--storage", default=".cache/ray_results",
-                   help="Ray Tune/Train results, one directory per sweep identity (shared storage on a cluster)")
+                   help="Ray Tune/Train results, one directory per sweep identity: a directory, or a URI every node "
+                        "sees on a cluster (s3://bucket/prefix)")
     p.add_argument("--restart", action="store_true",
                    help="start this sweep afresh, discarding its earlier Ray results (default: resume it when the "
                         "search space, data and code are the same)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_cpus_argument(p)
     p.add_argument("--smoke-test", action="store_true", help="apply the file's `smoke:` overrides, tiny data")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Tune's status tables")
@@ -96,10 +101,17 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
                         "settings (PSCL: a decoder on its pseudo-labels)")
 
 
+def add_cpus_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=float, default=None,
+                   help="on an autoscaling cluster: ask the autoscaler for this many CPUs in all and wait for them "
+                        "(at most 10 min) before planning the run; released when it ends")
+
+
 def run_tiling(args: argparse.Namespace) -> int:
     """Validate everything, tile, print the summary; non-zero exit when any slide failed."""
+    from histoweak import _storage
     from histoweak._ray import init_ray
-    from histoweak.data.tiling_job import discover_slides, load_classes, tile_dataset
+    from histoweak.data.tiling_job import MANIFEST, discover_slides, load_classes, tile_dataset
     from histoweak.slides.tiling import TilingParams
 
     params = TilingParams(**{f.name: getattr(args, f.name) for f in fields(TilingParams)})
@@ -109,12 +121,13 @@ def run_tiling(args: argparse.Namespace) -> int:
         classes_path = guess if guess.is_file() else None
     classes = load_classes(classes_path)
     slides = discover_slides(args.slides, args.masks, args.split)
+    out = _storage.resolve(args.out)  # a URI with credentials in it fails here, before Ray starts
     init_ray(args.address)
-    report = tile_dataset(slides, args.out, params, classes, source=args.source or Path(args.out).name,
+    report = tile_dataset(slides, out, params, classes, source=args.source or _storage.name(out),
                           progress=not args.no_progress)
     ok = sum(e["status"] == "ok" for e in report.slides.values())
-    print(f"{report.n_tiles} tiles from {ok}/{len(slides)} slides -> {Path(args.out).resolve()}"
-          f" (manifest: {Path(args.out).resolve() / '_manifest.json'})")
+    print(f"{report.n_tiles} tiles from {ok}/{len(slides)} slides -> {report.out_dir}"
+          f" (manifest: {_storage.join(report.out_dir, MANIFEST)})")
     for line in report.summary_lines():
         print(line, file=sys.stderr)
     return 1 if report.failures else 0
@@ -143,6 +156,16 @@ def resolve_data(data: str | None, smoke: bool = False, address: str | None = No
             table = str(default_tile_table(preset=preset, **(dict(n_slides=5, size=1024) if smoke else {})))
     else:
         table = data
+    from histoweak import _storage
+
+    if _storage.is_remote(table):  # n_classes_of reads local tables only
+        from histoweak.data.tiling_job import MANIFEST, read_manifest
+
+        manifest = _storage.join(table, MANIFEST)  # refuses a URI with credentials in it
+        try:
+            return table, len(read_manifest(table)["classes"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest}: not a readable histoweak tile table ({type(exc).__name__}: {exc})") from None
     return table, n_classes_of(table)
 
 
@@ -212,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     configure_console(args.verbose)  # before Ray and MLflow are imported
 
-    from histoweak._ray import init_ray
+    from histoweak._ray import init_ray, release_cpus, request_cpus
     from histoweak.train import TrainConfig, fit
 
     values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
@@ -224,7 +247,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(values)  # fails on a bad key before any work
     table, n_classes = resolve_data(args.data, args.smoke_test, args.address)
     init_ray(args.address)
-    out = fit(cfg, table, n_classes)
+    request_cpus(args.cpus)
+    try:
+        out = fit(cfg, table, n_classes)
+    finally:
+        if args.cpus:
+            release_cpus()
     print(f"best {cfg.method} checkpoint: {out.checkpoint}")
     for k, v in {**out.best, **out.test}.items():
         if isinstance(v, float):
@@ -256,13 +284,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from histoweak._ray import init_ray
     from histoweak.methods import METHODS
     from histoweak.report import format_leaderboard
+    from histoweak._ray import release_cpus, request_cpus
     from histoweak.tune import run_sweep
 
     space = space_from_args(args)  # fails on a bad key before any work
     table, n_classes = resolve_data(args.data or space.data, args.smoke_test, args.address)
     init_ray(args.address)
-    rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
-                     stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose)
+    request_cpus(args.cpus)
+    try:
+        rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
+                         stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose)
+    finally:
+        if args.cpus:
+            release_cpus()
     print(f"\nsweep {space.name}: {len(rows)} trials with results, best first by best_{space.metric}")
     if rows:
         print(format_leaderboard(rows, f"best_{space.metric}", [f"swept.{k}" for k in space.params],
@@ -485,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile table, or synthetic:<preset> (default: the embedded synthetic dataset)")
     p.add_argument("--config", default=None, help="YAML of TrainConfig fields (epochs, batch_size, hparams, ...)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_cpus_argument(p)
     p.add_argument("--smoke-test", action="store_true",
                    help="one epoch of two batches of 8 (on small data when synthetic)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs (Ray Data, Ray Train)")
@@ -537,7 +572,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="analysis", help="directory for the PNGs (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("local-cluster", help="the autoscaling drill: a Ray head on 127.0.0.1 whose autoscaler starts and "
+                                             "removes local worker nodes of cluster.yaml's types")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--config", default="cluster.yaml", help="cluster-launcher config (default: %(default)s)")
+    p.add_argument("--temp-dir", default=".cache/local-cluster", help="the nodes' files and logs (default: %(default)s)")
+    p.add_argument("--port", type=int, default=6390, help="GCS port (default: %(default)s)")
+    p.add_argument("--dashboard-port", type=int, default=8275, help="dashboard and job server (default: %(default)s)")
+    p.add_argument("--head-cpus", type=int, default=1, help="CPUs of the head (default: %(default)s)")
+    p.add_argument("--cpus-per-node", type=int, default=2, help="CPUs of each worker node (default: %(default)s)")
+    p.add_argument("--idle-timeout-minutes", type=float, default=0.5,
+                   help="remove a worker node idle this long (default: %(default)s; cluster.yaml's is for AWS)")
+    p.set_defaults(func=cmd_local_cluster)
     return parser
+
+
+def cmd_local_cluster(args: argparse.Namespace) -> int:
+    from histoweak.local_cluster import start_local_cluster, stop_local_cluster
+
+    if args.action == "down":
+        print(f"stopped {stop_local_cluster(args.temp_dir)} processes of the local cluster in {args.temp_dir}")
+        return 0
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"{args.config}: no such cluster config")
+    address = start_local_cluster(args.config, args.temp_dir, args.port, args.dashboard_port, args.head_cpus,
+                                  args.cpus_per_node, args.idle_timeout_minutes)
+    print(f"Ray head on 127.0.0.1:{args.port} with the autoscaler for {args.config}'s node types (fake provider)")
+    print(f"  jobs: ray job submit --address {address} --working-dir . -- python jobs/tune_erm.py --smoke-test --cpus 4")
+    print(f"  watch: ray status --address 127.0.0.1:{args.port}")
+    print("  stop: histoweak local-cluster down")
+    return 0
 
 
 #: what a user's input can raise (a bad value, a missing or unreadable file): one ``error:`` line, exit 2
