@@ -25,6 +25,7 @@ import yaml
 
 from histoweak.cli import main
 
+from test_sweep_identity import sweeps
 from _s3 import ACCESS_KEY, SECRET_KEY, driver_env, start_mlflow_s3, start_s3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,16 +84,6 @@ def _assert_same_tiles(s3, prefix: str, local: Path) -> None:
                 assert remote[key][col] == value, (key, col)
 
 
-def _sweeps(uri: str) -> dict[str, list]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(SWEEP)
-    runs = client.search_runs([exp.experiment_id]) if exp else []
-    return {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
-            for p in runs if "mlflow.parentRunId" not in p.data.tags}
-
-
 def test_tiles_sweep_checkpoints_and_figures_round_trip_through_s3(s3_server, synth_dir, tile_table, ray_local,
                                                                     tmp_path, monkeypatch):
     """Tile into S3, sweep with --storage s3://… logging to an MLflow server whose artifacts go to S3, rerun."""
@@ -120,7 +111,7 @@ def test_tiles_sweep_checkpoints_and_figures_round_trip_through_s3(s3_server, sy
         printed = _run(cmd, env, work)
         t_sweep = time.time() - t0
         assert "new sweep" in printed, printed
-        (parent, children), = _sweeps(mlflow.url).items()
+        (parent, children), = sweeps(mlflow.url, SWEEP).items()
         (child,) = children
         assert child.info.status == "FINISHED"
 
@@ -153,7 +144,7 @@ def test_tiles_sweep_checkpoints_and_figures_round_trip_through_s3(s3_server, sy
             printed = printed.getvalue()
         t_resume = time.time() - t0
         assert "resuming sweep" in printed and f"{sweep_dir}" in printed, printed
-        after = _sweeps(mlflow.url)
+        after = sweeps(mlflow.url, SWEEP)
         assert list(after) == [parent] and [len(c) for c in after.values()] == [1]
         trials = f"{sweep_dir[len(s3.uri()) + 1:]}/trials/"
         trial_dirs = {k[len(trials):].split("/")[0] for k in s3.keys(trials)} - {""}  # "": pyarrow's directory marker
@@ -214,7 +205,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_s3_and_a_rerun_trains_noth
                "--no-progress"]
         _run(cmd, driver_env(s3, ray_tmp, mlflow.url), tmp_path)
         assert marker.exists()  # the worker process really was killed (SIGKILL) at epoch 1
-        (_, (child,)), = _sweeps(mlflow.url).items()
+        (_, (child,)), = sweeps(mlflow.url, SWEEP).items()
         assert child.info.status == "FINISHED"
         client = MlflowClient(mlflow.url)
         # restarted from epoch 0's checkpoint, downloaded from S3: epoch 0 ran once, epoch 1 after the restart
@@ -223,7 +214,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_s3_and_a_rerun_trains_noth
         assert child.data.tags["best_checkpoint"].startswith(s3.uri("ray-results") + "/")
         # rerun by a driver of its own, as a user reruns it: resumed from S3, nothing trained again
         assert "resuming sweep" in _run(cmd, driver_env(s3, ray_tmp, mlflow.url), tmp_path)
-        assert [len(c) for c in _sweeps(mlflow.url).values()] == [1]
+        assert [len(c) for c in sweeps(mlflow.url, SWEEP).values()] == [1]
     finally:
         mlflow.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -48,10 +48,10 @@ def _tune(*args: str, store: str) -> str:
     return out.getvalue()
 
 
-def _sweeps(store: str) -> dict[str, list]:
-    """Top-level sweep runs of the experiment -> their child runs."""
+def sweeps(store: str, name: str = NAME) -> dict[str, list]:
+    """Top-level sweep runs of experiment ``name`` -> their child runs."""
     client = MlflowClient(store)
-    exp = client.get_experiment_by_name(NAME)
+    exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id]) if exp else []
     return {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
             for p in runs if "mlflow.parentRunId" not in p.data.tags}
@@ -70,11 +70,11 @@ def finished(tile_table, ray_local, tmp_path_factory):
 
 
 def test_unchanged_rerun_resumes_and_runs_no_trial_twice(finished):
-    before = _sweeps(finished.store)
+    before = sweeps(finished.store)
     printed = _tune(str(finished.space), "--data", str(finished.table), "--storage", str(finished.storage),
                     store=finished.store)
     assert "resuming sweep" in printed and finished.sweep_dir.name in printed
-    after = _sweeps(finished.store)
+    after = sweeps(finished.store)
     assert list(after) == list(before)  # logged into its original sweep run
     assert [len(c) for c in after.values()] == [1]  # the trial was not run again
     assert len([p for p in (finished.sweep_dir).iterdir() if p.name.startswith("trial_")]) == 1
@@ -131,11 +131,11 @@ def test_dataset_hash_is_computed_from_the_table(finished, other_table, tmp_path
 
 @pytest.mark.slow  # trains one more trial; the decision itself is tested in the default suite
 def test_other_data_runs_a_new_sweep_on_that_data(finished, other_table):
-    before = _sweeps(finished.store)
+    before = sweeps(finished.store)
     printed = _tune(str(finished.space), "--data", str(other_table), "--storage", str(finished.storage),
                     store=finished.store)
     assert f"not resuming {finished.sweep_dir.name}: its data differs" in printed
-    after = _sweeps(finished.store)
+    after = sweeps(finished.store)
     new = [rid for rid in after if rid not in before]
     assert len(new) == 1 and len(after[new[0]]) == 1
     run = MlflowClient(finished.store).get_run(new[0])
@@ -146,12 +146,12 @@ def test_other_data_runs_a_new_sweep_on_that_data(finished, other_table):
 
 def test_other_store_gets_the_finished_trials_from_ray_records(finished):
     store_b = f"sqlite:///{finished.dir / 'b.db'}"
-    before_a = _sweeps(finished.store)
+    before_a = sweeps(finished.store)
     printed = _tune(str(finished.space), "--data", str(finished.table), "--storage", str(finished.storage),
                     store=store_b)
     assert "resuming sweep" in printed and finished.store in printed and store_b in printed
-    assert {k: len(v) for k, v in _sweeps(finished.store).items()} == {k: len(v) for k, v in before_a.items()}
-    (parent, children), = _sweeps(store_b).items()
+    assert {k: len(v) for k, v in sweeps(finished.store).items()} == {k: len(v) for k, v in before_a.items()}
+    (parent, children), = sweeps(store_b).items()
     assert len(children) == 1  # copied, not rerun: a rerun trial would log a run of its own
     child = children[0]
     assert child.data.tags["copied_from_store"] == finished.store
@@ -165,11 +165,11 @@ def test_other_store_gets_the_finished_trials_from_ray_records(finished):
 
 @pytest.mark.slow  # trains one more trial; the decision itself is tested in the default suite
 def test_restart_runs_the_same_sweep_afresh(finished):
-    before = _sweeps(finished.store)
+    before = sweeps(finished.store)
     printed = _tune(str(finished.space), "--data", str(finished.table), "--storage", str(finished.storage),
                     "--restart", store=finished.store)
     assert f"--restart: starting sweep {finished.sweep_dir.name} afresh" in printed
-    after = _sweeps(finished.store)
+    after = sweeps(finished.store)
     new = [rid for rid in after if rid not in before]
     assert len(new) == 1 and len(after[new[0]]) == 1
     assert "copied_from_store" not in after[new[0]][0].data.tags  # trained again

@@ -4,7 +4,9 @@ checkpoints in shared storage; losing a whole worker node mid-run costs a restar
 not the run; a sweep whose driver is restarted resumes from shared storage.
 
 Drivers run as subprocesses with ``RAY_ADDRESS`` set, as ``ray job submit`` would run them; this process
-only starts and kills nodes.
+only starts and kills nodes. The module's name makes it run last: after ``ray.cluster_utils.Cluster`` has
+started nodes in the test process, that process's own Ray (the session's ``ray_local``) dies at its next call
+(measured: pytest exited with status 1 in the next test that used Ray), so no test may come after it.
 """
 
 from __future__ import annotations
