@@ -1,6 +1,7 @@
 """Public datasets as histoweak tile tables: patch datasets converted directly (``convert_source``), slide and
 image datasets with masks or annotations prepared for the tiler (``prepare_slide_source``: BACH, Gleason2019,
-DigestPath2019).
+DigestPath2019), and any patch dataset with one label per image, from class folders or a CSV
+(``convert_source("folder" | "csv", ...)``, ``folder``).
 
 Each registered source reads one dataset's documented on-disk layout and
 writes the tile table the rest of histoweak trains on::
@@ -22,8 +23,10 @@ from histoweak.data.sources._patches import (
     MASK_INDEX_TO_CLASS, ROWS_PER_FILE, SOURCES, ConversionReport, PatchDataset, SourceError, convert_patch_dataset,
     get_source, mask_to_classes, parse_label,
 )
+from histoweak.data.sources.folder import FOLDER_SOURCES  # importing registers "folder" and "csv"
 
 __all__ = [
+    "FOLDER_SOURCES",
     "MASK_INDEX_TO_CLASS",
     "ROWS_PER_FILE",
     "SLIDE_SOURCES",
@@ -40,8 +43,10 @@ __all__ = [
 
 
 def convert_source(name: str, root: str | Path, out_dir: str | Path, rows_per_file: int = ROWS_PER_FILE,
-                   progress: bool = False) -> ConversionReport:
-    """Convert the dataset ``name`` (a key of ``SOURCES``) found at ``root`` into a tile table at ``out_dir``.
+                   progress: bool = False, **options) -> ConversionReport:
+    """Convert the dataset ``name`` (a key of ``SOURCES`` or ``FOLDER_SOURCES``) found at ``root`` into a tile
+    table at ``out_dir``. ``options`` go to a folder source's converter (``folder.convert_folder``: split
+    fractions, seed, class order); the fixed layouts take none.
 
     Writes ``<out_dir>/<split>/part-NNNNN.parquet`` and ``_manifest.json``;
     ``out_dir`` must not exist or be empty.
@@ -49,10 +54,15 @@ def convert_source(name: str, root: str | Path, out_dir: str | Path, rows_per_fi
     Raises
     ------
     ValueError
-        Unknown ``name`` (with the valid names), a non-empty ``out_dir``, or
-        ``rows_per_file < 1``.
+        Unknown ``name`` (with the valid names), a non-empty ``out_dir``,
+        ``rows_per_file < 1``, or options for a fixed layout.
     SourceError
         The dataset does not match its layout or a patch does not decode;
         nothing is written.
     """
-    return convert_patch_dataset(get_source(name), root, out_dir, rows_per_file=rows_per_file, progress=progress)
+    if name in FOLDER_SOURCES:
+        return FOLDER_SOURCES[name].convert(root, out_dir, rows_per_file=rows_per_file, progress=progress, **options)
+    source = get_source(name)  # an unknown name fails listing the fixed layouts
+    if options:
+        raise ValueError(f"source {name!r} has a fixed layout and takes no options, got {sorted(options)}")
+    return convert_patch_dataset(source, root, out_dir, rows_per_file=rows_per_file, progress=progress)
