@@ -13,6 +13,10 @@ from histoweak.methods.base import RunInfo, Task
 
 #: metrics whose values are fractions, in [0, 1]: every metric a method's evaluation reports must be one of these
 UNIT_METRICS = re.compile(r"acc|bca|f1_micro|f1_macro|auroc|wga|gba|miou|miou_fg|fwiou|pixel_acc|iou_\w+")
+#: metrics in [-1, 1] (agreement beyond chance)
+SIGNED_METRICS = re.compile(r"kappa")
+#: what the predictors (not the generative models) are built for
+PREDICTORS = sorted(n for n in METHODS if not METHODS[n].generative)
 
 
 def _batch(n=4, size=32, n_classes=5, seed=0):
@@ -49,8 +53,8 @@ def _with_streams(method, batch: dict, seed: int, **batch_kw) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("target", ["class:1", "labels", "mask"])
+@pytest.mark.parametrize("name", PREDICTORS)
+@pytest.mark.parametrize("target", ["class:1", "labels", "multiclass", "mask"])
 def test_method_contract(name, target):
     torch.manual_seed(0)
     task = Task(target=target, n_classes=5)
@@ -82,10 +86,31 @@ def test_method_contract(name, target):
     metrics, _ = method.evaluate_batches([batch], "val")
     assert method.selection_metric in metrics
     for key, value in metrics.items():
-        assert key.startswith("val_") and UNIT_METRICS.fullmatch(key.removeprefix("val_")), \
+        assert key.startswith("val_"), key
+        if SIGNED_METRICS.fullmatch(key.removeprefix("val_")):
+            assert -1.0 <= value <= 1.0, (key, value)
+            continue
+        assert UNIT_METRICS.fullmatch(key.removeprefix("val_")), \
             f"{key}: not a known metric; add its valid range to this test"
         assert 0.0 <= value <= 1.0, (key, value)  # every cell of this batch is defined: NaN fails too
     _assert_non_finite_step_refused(method, name)  # last: the NaN forward spoils BatchNorm's running statistics
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].generative))
+def test_generative_contract(name):
+    """A generative model (USegMix's DDPM) steps, changes its weights, evaluates its selection metric (a loss,
+    deterministic) and refuses to predict a target."""
+    torch.manual_seed(0)
+    method = build_method(name, {}, Task("class:1", 5))
+    batch = _batch()
+    before = [p.detach().clone() for p in method.parameters()]
+    assert np.isfinite(method.step(batch)["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters()))
+    first, _ = method.evaluate_batches([batch], "val")
+    again, _ = method.evaluate_batches([batch], "val")
+    assert np.isfinite(first[method.selection_metric]) and first == again
+    with pytest.raises(ValueError, match="not a classifier"):
+        method.predict(batch)
 
 
 def _build(name: str, task: Task, **hparams):
@@ -95,7 +120,7 @@ def _build(name: str, task: Task, **hparams):
         return build_method(name, {"backbone": "resnet18", "weights": None, **hparams}, task)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].supports(Task("class:1"))))
+@pytest.mark.parametrize("name", [n for n in PREDICTORS if METHODS[n].supports(Task("class:1"))])
 def test_binary_evaluate_on_hand_made_predictions(name):
     """Method.evaluate against values worked out by hand (8 tiles, 2 classes, 4 tissue groups)."""
     y = np.array([0, 0, 0, 0, 0, 1, 1, 1])
@@ -119,7 +144,7 @@ def test_binary_evaluate_on_hand_made_predictions(name):
         assert out["test_bca"] == pytest.approx(19 / 30, abs=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].supports(Task("labels", 4))))
+@pytest.mark.parametrize("name", [n for n in PREDICTORS if METHODS[n].supports(Task("labels", 4))])
 def test_multilabel_evaluate_on_hand_made_predictions(name):
     """Method.evaluate for target "labels" (3 labels, threshold 0.5) against values worked out by hand."""
     targets = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [1, 0, 0]], np.float32)
@@ -174,7 +199,7 @@ def test_erm_loss_is_cross_entropy_of_its_logits():
 
 
 def test_unknown_names_fail_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'nope'; valid: \['erm'"):
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; valid: \['ddpm', 'erm'"):
         build_method("nope")
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['lrr'\]; valid: \[.*'lr'"):
         build_method("erm", {"lrr": 1})

@@ -29,7 +29,8 @@ def _write(tmp_path, **changes):
 
 @pytest.mark.parametrize("change,message", [
     ({"sheduler": {"type": "asha"}}, r"'sheduler': unknown key"),
-    ({"method": "nope"}, r"'method': unknown 'nope'; valid: \['erm'"),
+    ({"method": "nope"}, r"'method': unknown 'nope'; valid: \['ddpm', 'erm'"),
+    ({"before": {"count": 3}}, r"'before': method 'erm' has no step before the trials"),
     ({"params": {"hparams.lr": {"logunifrom": [1e-4, 1e-2]}}}, r"'params.hparams.lr': must be one of"),
     ({"params": {"hparams.lr": {"loguniform": [0, 1e-2]}}}, r"'params.hparams.lr.loguniform': bounds must be > 0"),
     ({"params": {"hparams.lrate": {"choice": [1]}}}, r"'params.hparams.lrate': must be hparams.<one of"),
@@ -53,18 +54,19 @@ def test_bad_search_space_fails_the_job_before_any_work(tmp_path):
 
 
 def test_shipped_search_spaces_are_valid():
+    from histoweak.data.defaults import PATCH_PRESETS
     from histoweak.data.synthetic import PRESETS
     from histoweak.tune import n_trials
 
     paths = sorted((REPO / "search_spaces").glob("*.yaml"))
-    assert {p.stem for p in paths} >= {"erm", "gerne", "gerne-erm", "pscl"}
+    assert {p.stem for p in paths} >= {"erm", "gerne", "gerne-erm", "pscl", "segcls", "usegmix", "inpainter"}
     names = []
     for path in paths:
         space = load_search_space(path)  # validates every key and builds a TrainConfig from its settings
         smoke = space.with_overrides(space.smoke)
         assert n_trials(smoke) <= n_trials(space), path  # the smoke test is the small one
         if space.data:  # an embedded dataset must exist
-            assert space.data.startswith("synthetic:") and space.data.split(":", 1)[1] in PRESETS, path
+            assert space.data.startswith("synthetic:") and space.data.split(":", 1)[1] in {*PRESETS, *PATCH_PRESETS}, path
         names.append(space.name)
     assert len(names) == len(set(names)), names  # one MLflow experiment per sweep
 

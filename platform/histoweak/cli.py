@@ -143,14 +143,17 @@ def resolve_data(data: str | None, smoke: bool = False, address: str | None = No
     from histoweak.data.defaults import default_tile_table, n_classes_of
 
     if data is None or data.startswith("synthetic:"):
+        from histoweak.data.defaults import PATCH_PRESETS
         from histoweak.data.synthetic import PRESETS
 
         preset = data.split(":", 1)[1] if data else "default"
-        if preset not in PRESETS:
+        if preset not in PRESETS and preset not in PATCH_PRESETS:
             raise ValueError(f"--data {data}: unknown synthetic preset; valid: "
-                             f"{', '.join('synthetic:' + p for p in sorted(PRESETS))}")
+                             f"{', '.join('synthetic:' + p for p in sorted([*PRESETS, *PATCH_PRESETS]))}")
         init_ray(address)
-        if preset == "default" and smoke:
+        if preset in PATCH_PRESETS:
+            table = str(default_tile_table(preset=preset))
+        elif preset == "default" and smoke:
             table = str(default_tile_table(preset="tiny"))
         else:
             table = str(default_tile_table(preset=preset, **(dict(n_slides=5, size=1024) if smoke else {})))
@@ -196,8 +199,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     """
     import json
 
-    from histoweak.data.sources import SLIDE_SOURCES, convert_source, prepare_slide_source
+    from histoweak.data.sources import FOLDER_SOURCES, SLIDE_SOURCES, convert_source, prepare_slide_source
 
+    if args.source in FOLDER_SOURCES:
+        opts = folder_import_parser(args.source).parse_args(args.tiling)
+        classes = [c.strip() for c in opts.classes.split(",")] if opts.classes else None
+        report = convert_source(args.source, args.root, args.out, progress=True, val_fraction=opts.val_fraction,
+                                test_fraction=opts.test_fraction, seed=opts.seed, classes=classes)
+        print(f"{report.n_tiles} tiles {report.tiles} -> {Path(args.out).resolve()} (train with target: multiclass)")
+        return 0
     if args.source not in SLIDE_SOURCES:
         if args.tiling:
             raise ValueError(f"{args.source} is a patch dataset, converted without tiling; the options "
@@ -226,6 +236,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"tiling, as `histoweak tile {prepared / 'slides.csv'} {out} --source {args.source} "
           f"--tissue-source {tile_args.tissue_source}{''.join(' ' + a for a in args.tiling)}`")
     return run_tiling(tile_args)
+
+
+def folder_import_parser(source: str) -> argparse.ArgumentParser:
+    """The options of ``histoweak import folder|csv ROOT OUT [options]`` (``histoweak.data.sources.folder``)."""
+    p = argparse.ArgumentParser(prog=f"histoweak import {source}", usage="%(prog)s ROOT OUT [options]",
+                                description="images with one label each -> a tile table (target: multiclass)")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of each class for val when the data gives no val split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.15,
+                   help="share of each class for test when the data gives no test split (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that stratified split (default: %(default)s)")
+    p.add_argument("--classes", default=None,
+                   help="class names in index order, comma-separated (default: sorted); give ordinal grades in "
+                        "their order, e.g. BN,WD,MD,PD, for kappa")
+    return p
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -301,6 +326,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if rows:
         print(format_leaderboard(rows, f"best_{space.metric}", [f"swept.{k}" for k in space.params],
                                  METHODS[space.method].headline_metrics))
+        if rows[0].get("best_checkpoint"):
+            print(f"best checkpoint: {rows[0]['best_checkpoint']}")
     uri = tracking.tracking_uri()
     print(f"full table: histoweak report --experiment {space.name}")
     print(f"MLflow: {uri} (experiment {space.name!r})")
@@ -330,6 +357,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _report_table1(args.experiment or ["gerne", "gerne-erm"])
     if args.fig5:
         return _report_fig5(args.experiment[-1] if args.experiment else "segcls", args.out)
+    if args.usegmix:
+        return _report_usegmix(args.experiment or ["usegmix"])
     parent, children = tracking.latest_sweep(args.experiment[-1] if args.experiment else None)
     metric = parent.data.params.get("metric", "val_bca")
     key = f"best_{metric}"
@@ -367,6 +396,35 @@ def _report_table1(experiments: list[str]) -> int:
     if not taus:
         raise ValueError(f"no finished ERM/GERNE runs with a group threshold in {experiments}")
     print(format_table1(cells, taus, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)}"))
+    return 0
+
+
+def _report_usegmix(experiments: list[str]) -> int:
+    """USegMix's Table 1 (Acc, F1, Kappa, Avg↑ vs no synthesis per backbone) from the newest sweep of each
+    experiment (e.g. ``usegmix`` and a CutMix baseline sweep), logged to the first one's MLflow run."""
+    from histoweak import tracking
+    from histoweak.report import format_usegmix_table, usegmix_cells
+
+    runs, parent = [], None
+    for exp in experiments:
+        try:
+            p, children = tracking.latest_sweep(exp)
+        except ValueError as exc:
+            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
+            continue
+        parent = parent or p
+        runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    cells = usegmix_cells(runs)
+    if not cells:
+        raise ValueError(f"no finished runs with test_acc, test_f1_macro and test_kappa in {experiments}")
+    table = format_usegmix_table(cells, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)}")
+    print(table)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "table1_usegmix.txt"
+        path.write_text(table + "\n")
+        tracking.log_artifact(parent.info.run_id, path)
     return 0
 
 
@@ -497,17 +555,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_tiling)
 
     from histoweak.data.sources._slides import SLIDE_SOURCES
+    from histoweak.data.sources.folder import FOLDER_SOURCES
 
     p = sub.add_parser("import", help="turn a public dataset into a tile table: patch datasets (LUAD-HistoSeg, "
                                       "BCSS-WSSS) directly, slide datasets (BACH, Gleason2019, DigestPath2019) "
-                                      "prepared into <out>/_prepared/ (slides.csv, masks) then tiled")
-    p.add_argument("source", choices=sorted([*SOURCES, *SLIDE_SOURCES]), help="which dataset layout to read")
+                                      "prepared into <out>/_prepared/ (slides.csv, masks) then tiled, and any "
+                                      "dataset of labelled images from class folders (folder) or a CSV (csv)")
+    p.add_argument("source", choices=sorted([*SOURCES, *SLIDE_SOURCES, *FOLDER_SOURCES]),
+                   help="which dataset layout to read")
     p.add_argument("root", help="the dataset's folder, in the layout its adapter documents (patch datasets: "
-                                "train/ or training/, val/, test/)")
+                                "train/ or training/, val/, test/; folder: <class>/<image>, optionally under "
+                                "train/ val/ test/); csv: the CSV file (path,label[,split], paths relative to it)")
     p.add_argument("out", help="the tile table to write (must not exist or be empty)")
-    p.add_argument("tiling", nargs=argparse.REMAINDER, metavar="TILING OPTIONS",
-                   help="slide datasets only: any `histoweak tile` option, e.g. --tile-size 256 --level 0 "
-                        "(see histoweak tile -h); --tissue-source defaults to the dataset's (detector)")
+    p.add_argument("tiling", nargs=argparse.REMAINDER, metavar="OPTIONS",
+                   help="slide datasets: any `histoweak tile` option, e.g. --tile-size 256 --level 0 "
+                        "(see histoweak tile -h); --tissue-source defaults to the dataset's (detector). "
+                        "folder and csv: --val-fraction F --test-fraction F --seed N (a stratified split when "
+                        "the data gives none; default 0.15, 0.15, 0) and --classes A,B,C (class order; default "
+                        "sorted)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("train", help="train one method with Ray Train")
@@ -538,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fig5", action="store_true",
                    help="Ciga & Martel's Fig. 5 and Table D.5 (segcls: F1/mIoU vs s per setting) from the newest "
                         "sweep of --experiment (default segcls), logged to its MLflow run")
+    p.add_argument("--usegmix", action="store_true",
+                   help="USegMix's Table 1 (Acc, F1, Kappa, Avg↑ vs no synthesis per backbone, mean ± std over "
+                        "seeds) from the newest sweep of each --experiment (default usegmix)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="segment whole slides with a segmentation checkpoint: class masks, overlays, "

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["child_run", "close_children", "code_version", "dataset_hash", "end_run", "git_commit", "log_figure", "log_metrics", "log_params", "log_table",
+__all__ = ["child_run", "close_children", "code_version", "dataset_hash", "end_run", "git_commit", "log_artifact", "log_figure", "log_metrics", "log_params", "log_table",
            "child_runs", "latest_sweep", "parent_run", "reopen_run", "run_in_store", "run_tag", "runs_page_url", "set_tags", "source_tags",
            "tracking_uri"]
 
@@ -210,6 +210,10 @@ def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
 
 def log_figure(run_id: str, figure, name: str, uri: str | None = None) -> None:
     _client(uri).log_figure(run_id, figure, name)
+
+
+def log_artifact(run_id: str, path: str | Path, uri: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path))
 
 
 def log_table(run_id: str, rows: list[dict], name: str, uri: str | None = None) -> None:

@@ -55,6 +55,7 @@ from histoweak.data.streaming import (BalancedSampler, ResourcePlan, add_column,
                                       torch_batches)
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import RunInfo, Task, check_hparams, predict_split, to_device
+from histoweak.schedules import apply_lr, check_schedule
 
 __all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "WorkerPlan", "class_names_of", "evaluate", "fit",
            "load_trained", "manifest_of", "plan_workers", "predict_split", "run_info", "score_checkpoint",
@@ -76,6 +77,8 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap, for smoke tests and quick sweeps
     augment: bool = True
     seed: int = 0
+    # learning rate per epoch, any method: {"name": "cosine" | "cosine_restarts" | "poly", ...} (histoweak.schedules)
+    lr_schedule: dict[str, Any] | None = None
     group_tau: float | None = None  # groups (y, [r_tissue >= tau]) for WGA and balanced streams (GERNE)
     stain_norm: bool = False  # Macenko-normalise every image to one reference tile of the training split
     select: str | None = None  # checkpoint selection metric (val_*); default: the method's
@@ -108,6 +111,10 @@ class TrainConfig:
             bad("placement_strategy", f"must be one of {list(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             bad("max_failures", f"must be >= 0, got {self.max_failures}")
+        try:
+            check_schedule(self.lr_schedule)
+        except ValueError as exc:
+            bad("lr_schedule", str(exc))
         task = Task(self.target)  # validates the target
         if not METHODS[self.method].supports(task):
             bad("target", f"method {self.method!r} does not support {self.target!r}")
@@ -195,6 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0, logs, n, rows = time.perf_counter(), [], 0, []
+        # from each group's initial lr and the epoch alone: a resumed run gets the uninterrupted run's lr
+        lr = apply_lr(method.optimizer, cfg.lr_schedule, epoch, cfg.epochs)
         if plan.main is None:
             batches = torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)
         else:  # the method draws its main batch too (e.g. from a subset of the tiles): a fixed number of steps
@@ -213,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean([l["loss"] for l in logs])) if logs else float("nan"),
                                      "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9),
                                      "train_steps_per_s": len(logs) / max(time.perf_counter() - t0, 1e-9),
-                                     "resumed_from_epoch": start_epoch,
+                                     "resumed_from_epoch": start_epoch, "lr": lr,
                                      # every rank's weights after this epoch's steps: equal on all ranks
                                      "param_checksum": float(sum(p.detach().double().sum().item()
                                                                  for p in method.parameters()))}
@@ -386,7 +395,7 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     manifest = manifest_of(tile_table)
     loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes, "class_names": manifest.get("classes"),
                    "tiling": manifest.get("params"), "data_state": plan.state, "stain_reference": stain, "_plan": plan}
-    train_ds = read_tiles(tile_table, split="train", columns=cols)
+    train_ds = read_tiles(tile_table, split="train", columns=cols, more=plan.more_train)
     val_ds = read_tiles(tile_table, split="val", columns=_eval_columns(method_cls))
     if stain:  # fixed decoding-time transform: before augmentation
         train_ds, val_ds = stain_normalize_dataset(train_ds, stain), stain_normalize_dataset(val_ds, stain)
@@ -397,7 +406,7 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
         groups = _group_fn(config, n_classes)
         train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
     if plan.main is not None or plan.extra:  # every worker gets the whole (encoded) train split to draw from
-        datasets["sampled"] = read_tiles(tile_table, split="train", columns=cols, decode=False)
+        datasets["sampled"] = read_tiles(tile_table, split="train", columns=cols, decode=False, more=plan.more_train)
     if plan.main is None:
         datasets["train"] = train_ds
     run_config = ray.train.RunConfig(

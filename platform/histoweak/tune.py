@@ -49,7 +49,7 @@ __all__ = ["DISTRIBUTIONS", "SearchSpace", "SweepPlan", "leaderboard", "load_sea
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 _TOP_KEYS = {"name", "method", "data", "train", "hparams", "params", "metric", "mode", "num_samples", "scheduler",
-             "max_concurrent_trials", "smoke", "description", "stage2"}
+             "max_concurrent_trials", "smoke", "description", "stage2", "before"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class SearchSpace:
     data: str | None = None
     smoke: dict[str, Any] = field(default_factory=dict)
     stage2: dict[str, Any] = field(default_factory=dict)  # the method's second stage (``Method.stage2``) settings
+    before: dict[str, Any] = field(default_factory=dict)  # the method's step before the trials (``Method.before_sweep``)
     source: str = "<dict>"
 
     def with_overrides(self, overrides: dict[str, Any]) -> "SearchSpace":
@@ -182,23 +183,26 @@ def _validate(raw: Any, where: str) -> SearchSpace:
     smoke = raw.get("smoke") or {}
     if not isinstance(smoke, dict):
         bad("smoke", "must be a mapping of overrides")
-    stage2 = raw.get("stage2") or {}
-    valid2 = sorted(method.stage2_keys)
-    if stage2 and not valid2:
-        bad("stage2", f"method {raw['method']!r} has no second stage")
-    if not isinstance(stage2, dict):
-        bad("stage2", f"must be a mapping with keys {valid2}")
-    for k in stage2:
-        if k not in valid2:
-            bad(f"stage2.{k}", f"unknown; valid: {valid2}")
-    try:
-        method.check_stage2(dict(stage2))
-    except ValueError as exc:
-        bad("stage2", str(exc))
+    sections = {}
+    for key, valid, check, what in (("stage2", method.stage2_keys, method.check_stage2, "second stage"),
+                                    ("before", method.before_keys, method.check_before, "step before the trials")):
+        settings, valid = raw.get(key) or {}, sorted(valid)
+        if settings and not valid:
+            bad(key, f"method {raw['method']!r} has no {what}")
+        if not isinstance(settings, dict):
+            bad(key, f"must be a mapping with keys {valid}")
+        for k in settings:
+            if k not in valid:
+                bad(f"{key}.{k}", f"unknown; valid: {valid}")
+        try:
+            check(dict(settings))
+        except ValueError as exc:
+            bad(key, str(exc))
+        sections[key] = dict(settings)
     space = SearchSpace(name=raw["name"], method=raw["method"], train=dict(raw.get("train") or {}),
                         hparams=dict(raw.get("hparams") or {}), params=dict(params), metric=metric, mode=mode,
                         num_samples=n, scheduler=dict(sched), max_concurrent_trials=mct, data=raw.get("data"),
-                        smoke=dict(smoke), stage2=dict(stage2), source=where)
+                        smoke=dict(smoke), **sections, source=where)
     try:  # the fixed settings must make a valid TrainConfig on their own
         space.trial_config({k: _example(v) for k, v in params.items()})
     except (ValueError, TypeError) as exc:
@@ -404,7 +408,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
 
     from histoweak import figures, tracking
 
-    if stage2 and _storage.is_remote(storage):
+    if (stage2 or space.before) and _storage.is_remote(storage):
         raise ValueError(f"--stage2 with --storage {storage}: the second stage writes its tables (e.g. PSCL's "
                          "pseudo-labels) into the sweep's directory, which must be local for now; "
                          "use a local or shared-filesystem --storage")
@@ -457,6 +461,9 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                                   max_t=space.scheduler.get("max_t", int(space.train.get("epochs", TrainConfig.epochs)) + 1))
     if not plan.resume or copied_from:
         _log_sweep_figures(space, tile_table, n_classes, parent_id, uri)
+    if space.before:
+        space = run_before(space, str(tile_table), n_classes, Path(_storage.parent(sweep_dir)) / "derived",
+                           parent_id, uri)
     ctx = {"space": {**_to_raw(space), "source": space.source}, "tile_table": str(tile_table), "n_classes": n_classes,
            "cpu_share": None if gpus else cpus / concurrency,
            "gpu_share": gpus / concurrency if gpus else None,  # k trials at once: each plans with 1/k of the GPUs
@@ -591,11 +598,43 @@ def _copy_trials_from_ray(grid, space: SearchSpace, parent_id: str, tags: dict, 
         m["mlflow_run_id"] = run_id
 
 
+def _sweep_context(space: SearchSpace, tile_table: str, n_classes: int, directory: Path, settings: dict,
+                   parent_id: str, uri: str, train=None):
+    """What a method's step before or after the trials gets from the sweep (``methods.base.SweepContext``)."""
+    import matplotlib.pyplot as plt
+
+    from histoweak import tracking
+    from histoweak.data.streaming import derive_table
+    from histoweak.methods.base import SweepContext
+
+    def log_figures(figs: dict) -> None:
+        for name, fig in figs.items():
+            tracking.log_figure(parent_id, fig, name, uri)
+            plt.close(fig)
+
+    return SweepContext(name=space.name, tile_table=str(tile_table), n_classes=n_classes, directory=Path(directory),
+                        settings=dict(settings), class_names=class_names_of(str(tile_table)), train=train,
+                        log_metrics=lambda m: tracking.log_metrics(parent_id, m, uri=uri), map_table=derive_table,
+                        log_figures=log_figures, log_artifact=lambda path: tracking.log_artifact(parent_id, path, uri))
+
+
+def run_before(space: SearchSpace, tile_table: str, n_classes: int, directory: Path, parent_id: str,
+               uri: str) -> SearchSpace:
+    """The method's step before the trials (``Method.before_sweep``, e.g. USegMix's synthesis); returns the space
+    with the hyperparameters it fixes for every trial (e.g. the derived table's path)."""
+    from histoweak import tracking
+
+    fixed = METHODS[space.method].before_sweep(dict(space.hparams), _sweep_context(
+        space, tile_table, n_classes, directory, space.before, parent_id, uri))
+    if fixed:
+        tracking.log_params(parent_id, {f"before.{k}": v for k, v in fixed.items()}, uri)
+    return dataclasses.replace(space, hparams={**space.hparams, **fixed})
+
+
 def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, sweep_dir: Path, parent_id: str,
                tags: dict, uri: str) -> dict[str, float]:
     """The method's second stage (``Method.stage2``) from the sweep's best trial, its runs nested in the sweep's."""
     from histoweak import tracking
-    from histoweak.methods.base import SweepContext
 
     def train(name: str, values: dict, table: str, params: dict | None = None):
         from histoweak.train import MlflowMetricsCallback, fit
@@ -613,9 +652,7 @@ def run_stage2(space: SearchSpace, best: dict, tile_table: str, n_classes: int, 
         finally:
             tracking.end_run(run_id, status, uri)
 
-    ctx = SweepContext(name=space.name, tile_table=str(tile_table), n_classes=n_classes, directory=Path(sweep_dir),
-                       settings=dict(space.stage2), class_names=class_names_of(str(tile_table)), train=train,
-                       log_metrics=lambda m: tracking.log_metrics(parent_id, m, uri=uri))
+    ctx = _sweep_context(space, tile_table, n_classes, sweep_dir, space.stage2, parent_id, uri, train)
     return METHODS[space.method].stage2(best, ctx)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["default_tile_table", "n_classes_of"]
+__all__ = ["PATCH_PRESETS", "default_tile_table", "n_classes_of"]
+
+#: embedded patch datasets (class-per-folder PNGs, imported with the `folder` source): name -> writer kwargs
+PATCH_PRESETS = {"grades": {}}  # data.synthetic_grades: four ordinal grades (BN/WD/MD/PD), few tiles per class
 
 _TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_size=128, min_tissue=0.3),
            # every tile with any tissue: GERNE's groups are about how little tissue a tile holds
@@ -27,6 +30,8 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
     root = Path(cache).resolve() / "-".join([preset, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
     tiles = root / "tiles"
     manifest = tiles / "_manifest.json"
+    if preset in PATCH_PRESETS:
+        return _patch_table(root, preset, {**PATCH_PRESETS[preset], **overrides})
     if manifest.exists() and json.loads(manifest.read_text()).get("counts", {}).get("pending", 1) == 0:
         return tiles
     if not (root / "slides" / "slides.csv").exists():
@@ -37,6 +42,22 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
                           load_classes(root / "slides" / "classes.json"), source=f"synthetic-{preset}")
     if report.failures:
         raise RuntimeError(f"tiling the default dataset failed: {report.failures}")
+    return tiles
+
+
+def _patch_table(root: Path, preset: str, kwargs: dict) -> Path:
+    """An embedded patch dataset: written as class folders, then converted (no tiling, no Ray)."""
+    from histoweak.data.sources import convert_source
+    from histoweak.data.synthetic_grades import GRADES, write_grade_dataset
+
+    tiles = root / "tiles"
+    if (tiles / "_manifest.json").exists():  # the conversion renames a finished table into place
+        return tiles
+    if not (root / "images").is_dir():
+        print(f"histoweak: synthesizing the {preset!r} patch dataset into {root / 'images'} (first use)")
+        write_grade_dataset(root / ".images.tmp", **kwargs)
+        (root / ".images.tmp").rename(root / "images")
+    convert_source("folder", root / "images", tiles, classes=list(GRADES))  # ordinal order, not sorted names
     return tiles
 
 

@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,7 @@ __all__ = [
     "add_column",
     "shares",
     "decode_tiles",
+    "derive_table",
     "plan_resources",
     "read_split_meta",
     "read_tiles",
@@ -185,20 +186,26 @@ def _as_uri(p) -> str:
 
 
 def _read_decode_fn(columns: list[str], splits: list[str] | None, decode: bool):
-    """The per-task UDF: read row groups of one file (needed columns only), filter by split, decode."""
+    """The per-task UDF: read row groups of one file (needed columns only), filter by split (and by the unit's
+    ``column < below`` where it has one), decode."""
 
     def read_decode(items: pa.Table) -> Iterator:
         import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
-        for uri, start, stop in zip(*(items.column(c).to_pylist() for c in ("path", "start", "stop"))):
+        keys = ("path", "start", "stop", "column", "below")
+        for uri, start, stop, column, below in zip(*(items.column(c).to_pylist() for c in keys)):
             fs, path = pafs.FileSystem.from_uri(_as_uri(uri))
+            read = columns if not column or column in columns else [*columns, column]
             with fs.open_input_file(path) as fh:
                 pf = pq.ParquetFile(fh)
                 for rg in range(start, stop):
-                    table = pf.read_row_group(rg, columns=columns)
+                    table = pf.read_row_group(rg, columns=read)
                     if splits is not None:
                         table = table.filter(pa.compute.is_in(table.column("split"), pa.array(splits)))
+                    if column:
+                        table = table.filter(pa.compute.less(table.column(column), below))
+                        table = table.select(columns)  # every block has the same columns
                     if table.num_rows:
                         yield decode_tiles(table) if decode else table
 
@@ -206,7 +213,8 @@ def _read_decode_fn(columns: list[str], splits: list[str] | None, decode: bool):
 
 
 def read_tiles(path: str | Sequence[str], split: str | Sequence[str] | None = None,
-               columns: Sequence[str] = DEFAULT_COLUMNS, decode: bool = True, row_groups_per_task: int = 4):
+               columns: Sequence[str] = DEFAULT_COLUMNS, decode: bool = True, row_groups_per_task: int = 4,
+               more: Sequence = ()):
     """A Ray Dataset of (decoded) tiles from a tile table: a local path or any pyarrow URI (``s3://…``).
 
     Reading and decoding happen in one Ray Data operator over units of
@@ -220,13 +228,17 @@ def read_tiles(path: str | Sequence[str], split: str | Sequence[str] | None = No
     split : keep only these splits
     columns : columns to read (``split`` is added when filtering)
     decode : decode images and masks (see ``decode_tiles``); else raw Arrow rows
+    more : ``methods.base.TableSlice`` s — rows of other tile tables (same ``split`` filter, plus the slice's own
+        ``column < below``) streamed with these
     """
     import ray.data
 
     splits = None if split is None else ([split] if isinstance(split, str) else list(split))
     cols = list(dict.fromkeys([*columns, *(["split"] if splits is not None else [])]))
-    units = [{"path": f, "start": s, "stop": min(s + row_groups_per_task, n)}
-             for f, n in _list_parquet(path) for s in range(0, n, row_groups_per_task)]
+    sources = [(path, None, None)] + [(m.path, m.column, m.below) for m in more]
+    units = [{"path": f, "start": s, "stop": min(s + row_groups_per_task, n), "column": column,
+              "below": None if below is None else float(below)}
+             for p, column, below in sources for f, n in _list_parquet(p) for s in range(0, n, row_groups_per_task)]
     items = ray.data.from_items(units, override_num_blocks=len(units))
     return items.map_batches(_read_decode_fn(cols, splits, decode), batch_size=1, batch_format="pyarrow")
 
@@ -424,3 +436,84 @@ class BalancedSampler:
                 batch = augment_batch(batch, seed=int(self.rng.integers(2**63)))
             made += 1
             yield collate(batch)
+
+
+def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None, split: str | Sequence[str] | None = None,
+                 columns: Sequence[str] = DEFAULT_COLUMNS, concurrency: int | None = None, batch_size: int = 4,
+                 desc: str = "", total: int | None = None, part_column: str | None = None) -> int:
+    """A derived table: ``fn_cls(**fn_kwargs)`` held by Ray Data actors maps the decoded rows of a tile table (or a
+    list of JSON-able items) to rows of a new table, written as Parquet (atomically: temp name, then rename).
+
+    The actors keep what is costly to build (a segmenter, an inpainter, a backbone) across batches. Returns the
+    number of rows written; prints progress (``desc``).
+
+    Parameters
+    ----------
+    inputs : a tile table path (its ``split`` rows, ``columns`` decoded) or a list of dicts (one item per row)
+    out : the Parquet file; with ``part_column``, a directory that gets one file ``<value>.parquet`` per value of
+        that column (every output batch must hold one value: e.g. one item per batch), written as soon as that
+        batch is done, so an interrupted job keeps its finished parts
+    fn_cls : a class whose instances map a numpy batch (dict of arrays) to a ``pyarrow.Table``
+    concurrency : actors (default: the cluster's CPUs, one CPU each)
+    total : input rows, for the progress lines (default: the length of a list of items)
+    """
+    import time
+
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    if isinstance(inputs, (list, tuple)):
+        ds = ray.data.from_items(list(inputs), override_num_blocks=max(1, len(inputs)))
+        total = total or len(inputs)
+    else:
+        ds = read_tiles(inputs, split=split, columns=columns)
+    n_actors = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if isinstance(inputs, (list, tuple)):
+        n_actors = min(n_actors, len(inputs))
+    mapped = ds.map_batches(fn_cls, fn_constructor_kwargs=dict(fn_kwargs or {}), batch_size=batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1)
+    out = Path(out)
+    writers: dict[Path, tuple[Path, Any]] = {}
+    n_out, start, last = 0, time.perf_counter(), 0.0
+
+    def target(table: pa.Table) -> Path:
+        if part_column is None:
+            return out
+        values = set(table.column(part_column).to_pylist())
+        if len(values) != 1:
+            raise ValueError(f"{desc or out}: a batch holds {part_column} values {sorted(values)}; one per batch")
+        return out / f"{values.pop()}.parquet"
+
+    try:
+        for table in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            if not table.num_rows:
+                continue
+            path = target(table)
+            if path not in writers:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                writers[path] = (tmp, pq.ParquetWriter(tmp, table.schema))
+            tmp, writer = writers[path]
+            writer.write_table(table.cast(writer.schema), row_group_size=128)
+            n_out += table.num_rows
+            if part_column is not None:  # a part is one batch: done
+                writer.close()
+                os.replace(tmp, path)
+                del writers[path]
+            if desc and time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                print(f"histoweak: {desc}: {n_out} rows in {last - start:.0f} s", flush=True)
+        if not n_out:
+            raise ValueError(f"{desc or out}: no rows came out of {fn_cls.__name__}")
+        for path, (tmp, writer) in list(writers.items()):
+            writer.close()
+            os.replace(tmp, path)
+            del writers[path]
+    finally:
+        for tmp, writer in writers.values():
+            writer.close()
+            tmp.unlink(missing_ok=True)
+    if desc:
+        print(f"histoweak: {desc}: {n_out} rows in {time.perf_counter() - start:.0f} s -> {out}", flush=True)
+    return n_out

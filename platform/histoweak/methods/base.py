@@ -24,7 +24,8 @@ from torch import nn
 
 from histoweak import metrics as M
 
-__all__ = ["GROUP_NAMES", "METHODS", "DataPlan", "Hparams", "Method", "RunInfo", "Stream", "SweepContext", "Task",
+__all__ = ["GROUP_NAMES", "METHODS", "DataPlan", "Hparams", "Method", "RunInfo", "Stream", "SweepContext", "TableSlice",
+           "Task",
            "average_gradients", "build_method", "check_hparams", "gather_across_workers", "mean_across_workers",
            "predict_split", "register_method", "tissue_groups", "to_device"]
 
@@ -61,7 +62,9 @@ class Task:
 
     target : ``"class:<c>"`` — binary, is class c present in the tile (GERNE eq. 3);
              ``"labels"`` — multi-label presence of classes 1..C-1 (background excluded);
-             ``"label"`` — the row's integer label column (e.g. a slide label);
+             ``"label"`` — the row's integer label column, binary (e.g. a slide label);
+             ``"multiclass"`` — the row's integer label column, one of ``n_classes`` classes (a graded patch
+             dataset imported from class folders: BN/WD/MD/PD);
              ``"mask"`` — per-pixel classes 0..C-1 (segmentation, e.g. on pseudo-labels).
     n_classes : classes of the tile table including background (from its manifest).
     """
@@ -70,8 +73,9 @@ class Task:
     n_classes: int = 5
 
     def __post_init__(self):
-        if not (self.target in ("labels", "label", "mask") or self.target.startswith("class:")):
-            raise ValueError(f"task target {self.target!r}: use 'class:<index>', 'labels', 'label' or 'mask'")
+        if not (self.target in ("labels", "label", "multiclass", "mask") or self.target.startswith("class:")):
+            raise ValueError(f"task target {self.target!r}: use 'class:<index>', 'labels', 'label', 'multiclass' "
+                             "or 'mask'")
         if self.target.startswith("class:"):
             c = int(self.target.split(":", 1)[1])
             if not 0 < c < self.n_classes:
@@ -85,13 +89,13 @@ class Task:
     def n_outputs(self) -> int:
         if self.multilabel:
             return self.n_classes - 1
-        if self.target == "mask":
+        if self.target in ("mask", "multiclass"):
             return self.n_classes
         return 2  # binary presence or a binary label column
 
     def groups(self, batch: dict, tau: float) -> np.ndarray:
         """Groups (y, [r_tissue >= tau]) of a numpy batch (``labels``/``label`` and ``tissue_ratio``); binary targets only."""
-        if self.multilabel or self.target == "mask":
+        if self.multilabel or self.target in ("mask", "multiclass"):
             raise ValueError(f"tissue groups need a binary target ('class:<c>' or 'label'), not {self.target!r}")
         if self.target == "label":
             y = np.asarray(batch["label"])
@@ -103,7 +107,7 @@ class Task:
         """(N,) int64 class targets, or (N, C-1) float multi-hot targets."""
         if self.target == "labels":
             return batch["labels"][:, 1:].float()
-        if self.target == "label":
+        if self.target in ("label", "multiclass"):
             return batch["label"].long()
         if self.target == "mask":
             return batch["mask"].long()
@@ -153,6 +157,20 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class TableSlice:
+    """Training rows from another tile table (a derived one, e.g. USegMix's synthetic tiles) that join a run's
+    training split: the ``train`` rows of ``path`` whose ``column`` is below ``below`` (``None``: all of them).
+
+    A derived table orders its rows by a column (USegMix: ``x`` = rank of the tile within its class times its
+    size), so "the first n per class" is a filter on read and nothing is regenerated per run.
+    """
+
+    path: str
+    column: str | None = None
+    below: float | None = None
+
+
+@dataclass(frozen=True)
 class DataPlan:
     """What a method needs from the data for one run (``Method.data_plan``).
 
@@ -163,12 +181,14 @@ class DataPlan:
         less-biased batch.
     state : JSON-able values computed from the data that the method needs in training (``set_data_state``),
         logged with the run.
+    more_train : rows of other tile tables that join the training split (streamed and sampled alike).
     """
 
     main: Stream | None = None
     extra: dict[str, Stream] = field(default_factory=dict)
     steps_per_epoch: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    more_train: tuple[TableSlice, ...] = ()
 
     def __post_init__(self):
         if self.main is not None and not self.steps_per_epoch:
@@ -179,11 +199,18 @@ class DataPlan:
 class SweepContext:
     """What a sweep gives a method's ``stage2`` step (``tune.run_sweep`` builds it; no Ray in here).
 
-    settings : the search space's ``stage2:`` section, checked against ``Method.stage2_keys``.
+    settings : the search space's ``stage2:`` section (``before:`` for ``before_sweep``), checked against the
+        method's keys.
     train : ``train(name, train_values, tile_table, params)`` trains ``TrainConfig.from_dict(train_values)`` on
         ``tile_table`` as a child run ``name`` of the sweep (metrics, test figures and ``params`` logged) and
         returns its ``TrainOutcome``.
     log_metrics : logs on the sweep's own run.
+    map_table : ``map_table(source, out, fn_cls, fn_kwargs, split=None, concurrency=None, desc="")`` runs
+        ``fn_cls(**fn_kwargs)`` in Ray Data actors over the (decoded) rows of tile table ``source``, a numpy batch
+        of rows at a time (``fn(batch) -> pyarrow.Table``), writes what they return as Parquet files into ``out``
+        (atomically, a file per block) and returns the number of rows written; the method's derived tables
+        (USegMix's segment pool and synthetic tiles) are built this way without the method importing Ray.
+    log_figures / log_artifact : figures (name -> matplotlib figure) / a file logged on the sweep's run.
     """
 
     name: str
@@ -194,6 +221,9 @@ class SweepContext:
     class_names: list[str] | None
     train: Callable[..., Any]
     log_metrics: Callable[[dict[str, float]], None]
+    map_table: Callable[..., int] | None = None
+    log_figures: Callable[[dict[str, Any]], None] | None = None
+    log_artifact: Callable[[str], None] | None = None
 
 
 def check_hparams(cls: type[Hparams], values: dict[str, Any], method: str) -> Hparams:
@@ -359,11 +389,15 @@ class Method(nn.Module):
     headline_metrics: ClassVar[tuple[str, ...]] = ("test_bca", "test_wga", "test_auroc")
     #: the method trains on tissue groups: ``TrainConfig.group_tau`` is required (GERNE)
     needs_groups: ClassVar[bool] = False
+    #: a generative model of the tiles (USegMix's DDPM): it trains and evaluates (a loss), predicts no target
+    generative: ClassVar[bool] = False
     #: extra tile-table columns the method reads in training / in evaluation (e.g. pixel masks)
     train_columns: ClassVar[tuple[str, ...]] = ()
     eval_columns: ClassVar[tuple[str, ...]] = ()
     #: the keys of a search space's ``stage2:`` section (settings of this method's ``stage2`` step)
     stage2_keys: ClassVar[frozenset[str]] = frozenset()
+    #: the keys of a search space's ``before:`` section (settings of this method's ``before_sweep`` step)
+    before_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def supports(cls, task: Task) -> bool:
@@ -401,6 +435,17 @@ class Method(nn.Module):
         from histoweak.report import group_count_artifacts
 
         return group_count_artifacts(train, swept, tile_table, n_classes)
+
+    @classmethod
+    def before_sweep(cls, hparams: dict[str, Any], ctx: SweepContext) -> dict[str, Any]:
+        """A step before a sweep's trials (USegMix: the segment pool and the synthetic tiles), from the fixed
+        ``hparams`` of the search space; returns hyperparameter values every trial gets (e.g. the path of a
+        derived table). Runs when the search space has a ``before:`` section; default: nothing to do."""
+        return {}
+
+    @classmethod
+    def check_before(cls, settings: dict[str, Any]) -> None:
+        """Raise ``ValueError`` on a bad value in a search space's ``before:`` section (keys are checked already)."""
 
     @classmethod
     def check_stage2(cls, settings: dict[str, Any]) -> None:
@@ -486,6 +531,8 @@ class Method(nn.Module):
         out.update({f"{prefix}_{k}": v for k, v in M.f1_scores(targets, pred, probs.shape[1]).items()})
         if probs.shape[1] == 2:
             out[f"{prefix}_auroc"] = M.auroc(targets, probs[:, 1])
+        if self.task.target == "multiclass":  # ordinal grades: disagreement weighted by distance (USegMix Table 1)
+            out[f"{prefix}_kappa"] = M.quadratic_kappa(targets, pred, probs.shape[1])
         if groups is not None and (groups >= 0).all():
             out[f"{prefix}_wga"] = M.worst_group_accuracy(targets, pred, groups)
             out[f"{prefix}_gba"] = M.group_balanced_accuracy(targets, pred, groups)
