@@ -16,6 +16,9 @@ import bench_tiling  # noqa: E402
 import gerne_vs_erm  # noqa: E402
 import pscl_vs_cam  # noqa: E402
 import segcls_settings  # noqa: E402
+import bench_usegmix_inpaint  # noqa: E402
+import bench_usegmix_segments  # noqa: E402
+import usegmix_counts  # noqa: E402
 
 
 def main() -> None:
@@ -23,6 +26,8 @@ def main() -> None:
     size = ["--size", "4096"] if quick else []
     pscl = bench_pscl_loss.main(["--batch", "2"] if quick else [])  # before Ray starts: it times CPU-bound subprocesses
     gerne_step = bench_gerne_step.main(["--quick"] if quick else [])
+    segments = bench_usegmix_segments.main(["--quick"])  # CPU-bound, before Ray: LiteMedSAM is minutes per tile
+    inpaint = bench_usegmix_inpaint.main([])
     tiling = bench_tiling.main(size)
     import ray
 
@@ -33,6 +38,7 @@ def main() -> None:
     gerne = gerne_vs_erm.main(["--quick"])  # the full Table 1: python benchmarks/gerne_vs_erm.py
     pscl_cam = pscl_vs_cam.main(["--quick"])  # the full comparison: python benchmarks/pscl_vs_cam.py
     segcls = segcls_settings.main(["--quick"])  # the full Fig. 5 / Table D.5: python benchmarks/segcls_settings.py
+    usegmix = usegmix_counts.main(["--quick"])  # the full Table 1 + KID: python benchmarks/usegmix_counts.py
     print("\n== summary ==")
     print(f"tiling: histoweak / DeepZoom single process = {tiling['ratio']:.2f}x (goal >= 1.6x)")
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
@@ -47,6 +53,11 @@ def main() -> None:
     print("segcls (short form): S+C - S, test F1 macro: " + ", ".join(f"{g:+.1f} points at s={s:g} %" for s, g in
                                                                    segcls["gain"].items())
           + f"; S+C* - S at 100 %: {segcls['full_gap']:+.1f} (goals: >= +10 at 5 %, within 5 at 100 %)")
+    print("usegmix (short form): test F1 macro vs no synthesis: " + ", ".join(
+        f"{k} {g:+.1f} points" for k, g in usegmix["gains"].items()) + "; KID x1000 vs held-out real: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in usegmix["kid"].items()))
+    print("usegmix phase 1, segments/s: " + ", ".join(f"{k} {v:.2f}" for k, v in segments.items())
+          + "; phase 2, s per image: " + ", ".join(f"{k} {v:.3f}" for k, v in inpaint.items()))
     if pscl["max_rel_diff"] is None:
         print("pscl loss: no SupConLoss baseline (pytorch-metric-learning not installed)")
     else:

@@ -36,6 +36,18 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Small tensors: intra-op threads only add waiting, a lot of it when the cores are busy
+    (``pytestmark = pytest.mark.usefixtures("torch_one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """Three 1024² synthetic slides with masks, classes.json and slides.csv (splits train/val/test)."""

@@ -88,6 +88,7 @@ def test_import_through_the_cli(tmp_path):
     assert again.returncode == 2 and again.stderr.count("error:") == 1 and "nowhere" in again.stderr
 
 
+@pytest.mark.slow  # 127 s on 2 cores: `make test-all` (room for USegMix's job in `make test`)
 def test_train_with_config_and_smoke_test_then_analyze_its_checkpoint(tile_table, tmp_path):
     """`histoweak train --config cfg.yaml --smoke-test --verbose`, then `histoweak analyze --checkpoint` on its result."""
     from mlflow.tracking import MlflowClient

@@ -6,14 +6,7 @@ from pytorch_metric_learning.losses import SupConLoss  # the reference; a declar
 
 from histoweak.methods.pscl_loss import kept_pixel_labels, pscl_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add waiting, a lot of it when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def random_case(seed, n=2, d=8, h=5, w=6, k=4, dtype=torch.float32):

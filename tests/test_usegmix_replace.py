@@ -20,16 +20,11 @@ from histoweak.methods.usegmix.replace import ReplacementSampler, new_area_ratio
 TINY = {"sample_size": 32, "block_out_channels": [32, 32], "layers_per_block": 1}  # a list, as YAML gives it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and does not stall when other processes hold the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # -- eq. 1 ---------------------------------------------------------------------------------------------------
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
 def test_eq1_probabilities_and_weight_updates_by_hand():
     # target at the origin; pool distances D = 1, 2, 5
     sampler = ReplacementSampler({2: np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])}, seed=0)

@@ -454,7 +454,7 @@ def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None,
         that column (every output batch must hold one value: e.g. one item per batch), written as soon as that
         batch is done, so an interrupted job keeps its finished parts
     fn_cls : a class whose instances map a numpy batch (dict of arrays) to a ``pyarrow.Table``
-    concurrency : actors (default: the cluster's CPUs, one CPU each)
+    concurrency : actors (default: one per GPU when the cluster has GPUs, else one per CPU)
     total : input rows, for the progress lines (default: the length of a list of items)
     """
     import time
@@ -466,13 +466,17 @@ def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None,
     if isinstance(inputs, (list, tuple)):
         ds = ray.data.from_items(list(inputs), override_num_blocks=max(1, len(inputs)))
         total = total or len(inputs)
-    else:
-        ds = read_tiles(inputs, split=split, columns=columns)
-    n_actors = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    else:  # read first: actors holding every CPU would starve the read tasks (measured: a deadlock on 2 CPUs);
+        # blocks of one batch, since a block (a row group, ~128 rows) goes to one actor
+        ds = read_tiles(inputs, split=split, columns=columns).repartition(
+            target_num_rows_per_block=batch_size).materialize()
+    gpus = int(ray.cluster_resources().get("GPU", 0))  # a segmenter / inpainter per GPU where there are GPUs
+    n_actors = concurrency or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
     if isinstance(inputs, (list, tuple)):
         n_actors = min(n_actors, len(inputs))
     mapped = ds.map_batches(fn_cls, fn_constructor_kwargs=dict(fn_kwargs or {}), batch_size=batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1)
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
+                            num_gpus=1 if gpus else 0)
     out = Path(out)
     writers: dict[Path, tuple[Path, Any]] = {}
     n_out, start, last = 0, time.perf_counter(), 0.0

@@ -58,9 +58,11 @@ class PoolMapper:
         from histoweak.methods.usegmix.pool import SegmentFeaturizer
         from histoweak.methods.usegmix.segment import build_segmenter
 
-        torch.set_num_threads(1)  # one actor per CPU
-        self.segmenter = build_segmenter(segmenter, segmenter_weights)
-        self.featurizer = SegmentFeaturizer(feature_backbone, feature_weights, size=feature_size)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the actor holds a GPU when the cluster has them
+        if device == "cpu":
+            torch.set_num_threads(1)  # one actor per CPU
+        self.segmenter = build_segmenter(segmenter, segmenter_weights, device=device)
+        self.featurizer = SegmentFeaturizer(feature_backbone, feature_weights, device=device, size=feature_size)
         self.n_superpixels, self.prompts, self.seed = n_superpixels, prompts, seed
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -121,9 +123,12 @@ class SynthMapper:
         from histoweak.methods.usegmix.inpaint import build_inpainter
         from histoweak.methods.usegmix.pool import read_pool
 
-        torch.set_num_threads(1)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(1)
         self.pool = read_pool(pool_dir)
-        self.inpainter = build_inpainter(inpainter, inpainter_model, scheduler_steps=ddim_steps, mcg=mcg)
+        self.inpainter = build_inpainter(inpainter, inpainter_model, scheduler_steps=ddim_steps, mcg=mcg,
+                                         device=device)
         self.backend = inpainter if inpainter != "diffusion" else f"diffusion:{inpainter_model}"
         self.ratio = tuple(ratio)
         self.class_names = class_names

@@ -143,10 +143,10 @@ class ClassicalSegmenter(Segmenter):
         self._lab: np.ndarray | None = None
 
     @classmethod
-    def from_weights(cls, weights: str | Path | None = None, **kwargs) -> "ClassicalSegmenter":
+    def from_weights(cls, weights: str | Path | None = None, device: str = "cpu", **kwargs) -> "ClassicalSegmenter":
         if weights is not None:
             raise ValueError(f"segmenter 'classical' takes no weights; got {weights!r}")
-        return cls(**kwargs)
+        return cls(**kwargs)  # numpy on the CPU whatever the device
 
     def set_image(self, image: np.ndarray) -> None:
         from skimage.color import rgb2lab
