@@ -409,9 +409,10 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
     from histoweak import figures, tracking
 
     if (stage2 or space.before) and _storage.is_remote(storage):
-        raise ValueError(f"--stage2 with --storage {storage}: the second stage writes its tables (e.g. PSCL's "
-                         "pseudo-labels) into the sweep's directory, which must be local for now; "
-                         "use a local or shared-filesystem --storage")
+        step = "--stage2" if stage2 else "a search space with a `before:` section"
+        raise ValueError(f"{step} with --storage {storage}: the method's steps around the trials write their tables "
+                         "(PSCL's pseudo-labels, USegMix's synthetic tiles) beside the sweep's directory, which must be "
+                         "local for now; use a local or shared-filesystem --storage")
     uri = tracking.tracking_uri()
     store = _store_key(uri)
     plan = plan_sweep(space, tile_table, storage, restart)

@@ -440,7 +440,7 @@ class BalancedSampler:
 
 def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None, split: str | Sequence[str] | None = None,
                  columns: Sequence[str] = DEFAULT_COLUMNS, concurrency: int | None = None, batch_size: int = 4,
-                 desc: str = "", total: int | None = None, part_column: str | None = None) -> int:
+                 desc: str = "", part_column: str | None = None) -> int:
     """A derived table: ``fn_cls(**fn_kwargs)`` held by Ray Data actors maps the decoded rows of a tile table (or a
     list of JSON-able items) to rows of a new table, written as Parquet (atomically: temp name, then rename).
 
@@ -455,7 +455,6 @@ def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None,
         batch is done, so an interrupted job keeps its finished parts
     fn_cls : a class whose instances map a numpy batch (dict of arrays) to a ``pyarrow.Table``
     concurrency : actors (default: one per GPU when the cluster has GPUs, else one per CPU)
-    total : input rows, for the progress lines (default: the length of a list of items)
     """
     import time
 
@@ -465,7 +464,6 @@ def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None,
 
     if isinstance(inputs, (list, tuple)):
         ds = ray.data.from_items(list(inputs), override_num_blocks=max(1, len(inputs)))
-        total = total or len(inputs)
     else:  # read first: actors holding every CPU would starve the read tasks (measured: a deadlock on 2 CPUs);
         # blocks of one batch, since a block (a row group, ~128 rows) goes to one actor
         ds = read_tiles(inputs, split=split, columns=columns).repartition(

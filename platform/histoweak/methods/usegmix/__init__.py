@@ -20,7 +20,6 @@ slide ``usegmix-<class>``, so "the first n" is the filter ``x < n``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +49,6 @@ BEFORE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "concurrency": None,  # Ray Data actors (default: one per CPU)
 }
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def synthetic_counts(table: str) -> dict[int, int]:
