@@ -164,6 +164,8 @@ def test_smoke_job_builds_pool_and_synthetic_tiles_then_sweeps_in_mlflow(grades_
         assert r["split"] == "train" and prov["backend"] == "biharmonic"
         assert by_slide[prov["target_tile"].split(":")[0]] == r["label"]
         assert prov["replaced"] and (not prov["ok"] or 0.3 <= prov["new_area_ratio"] <= 1.0)
+        # replacements come from other tiles (a segment's own copy in the pool is at distance 0 from it)
+        assert all(new.split("#")[0] != prov["target_tile"] for _, new in prov["replaced"]), prov
     report = subprocess.run([sys.executable, "-m", "histoweak.cli", "report", "--usegmix"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]

@@ -196,6 +196,25 @@ def test_synthesize_reports_an_unreachable_ratio():
                    ratio=(0.5, 0.4))
 
 
+def test_synthesize_never_draws_the_target_images_own_segments():
+    """A target segment's own copy in the pool is at distance 0: eq. 1 favours it over any other (exp(−w·0) = 1
+    whatever w), so without ``own`` it wins most draws; with ``own`` it is never drawn."""
+    pool = _Pool()
+    image = (np.random.default_rng(5).random((48, 48, 3)) * 255).astype(np.uint8)
+    segs = _blocks(48, 24)  # four quadrants: two replacements reach 30 %
+    pool.feats = pool.feats * 10  # distances between different segments ~ 10s: exp(-w·D) ~ 0
+    feats = pool.features(0)[[0, 1, 2, 0]]  # the target's segments are pool segments 0, 1, 2 (its own copies)
+    draws = {True: [], False: []}
+    for exclude_own in (False, True):
+        sampler = ReplacementSampler({0: pool.features(0)}, seed=0)
+        for seed in range(5):
+            s = synthesize(image, segs, feats, 0, pool, sampler, ClassicalInpainter(), np.random.default_rng(seed),
+                           band=1, own={0, 1, 2} if exclude_own else frozenset())
+            draws[exclude_own] += [j for _, j in s.replaced]
+    assert sum(j in (0, 1, 2) for j in draws[False]) >= 0.8 * len(draws[False])  # 4th quadrant: 0 may be used
+    assert draws[True] and not any(j in (0, 1, 2) for j in draws[True])
+
+
 # -- inpainting --------------------------------------------------------------------------------------------------
 def _tiny_ddpm(**hp):
     torch.manual_seed(0)

@@ -103,7 +103,8 @@ def synthesis_figures(tile_table: str, pool_dir: str | Path, settings: dict[str,
             continue
         masks = [pool.mask(j) for j in segs]
         out = synthesize(img, masks, pool.features[segs], int(c), pool.source(), sampler, inpainter, rng,
-                         ratio=tuple(settings["ratio"]))
+                         ratio=tuple(settings["ratio"]),
+                         own=set(np.flatnonzero(np.isin(pool.by_class(int(c)), segs)).tolist()))
         axes[row, 0].imshow(img)
         for t, _ in out.replaced:
             _outline(axes[row, 0], masks[t], "yellow")

@@ -10,8 +10,9 @@ Layout under the sweep storage's ``derived/`` directory::
                                                ``provenance``); a class whose file exists is not redone
     usegmix-synth-<digest>/_manifest.json      written last: settings, counts, classes
 
-A digest covers the settings of its phase and the tile table's content, so a changed setting or table
-makes new directories, and the same ones are reused.
+A digest covers the settings of its phase, the tile table's content and the source of this package (so a
+fix to the method is never hidden by a table made before it): a changed setting, table or method makes new
+directories, and the same ones are reused.
 """
 
 from __future__ import annotations
@@ -33,13 +34,23 @@ __all__ = ["POOL_KEYS", "SYNTH_KEYS", "PoolMapper", "SynthMapper", "build_pool",
 POOL_KEYS = ("segmenter", "segmenter_weights", "n_superpixels", "prompts", "feature_backbone", "feature_weights",
              "feature_size", "pca_dim", "seed")
 SYNTH_KEYS = ("count", "inpainter", "inpainter_model", "ddim_steps", "mcg", "ratio", "seed")
-_META = ["image", "label", "slide_id", "x", "y", "tissue_ratio", "mpp"]
+_META = ["image", "label", "slide_id", "x", "y", "tissue_ratio"]
 
 
 def _digest(value: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _code() -> str:
+    """Digest of this package's source: derived tables are only as good as the code that made them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _tile_seed(seed: int, key: str) -> int:
@@ -83,7 +94,7 @@ def build_pool(ctx: SweepContext, settings: dict[str, Any]) -> Path:
     from histoweak.methods.usegmix.pool import finish_pool
 
     part = {k: settings[k] for k in POOL_KEYS}
-    root = Path(ctx.directory) / f"usegmix-pool-{_digest([part, tracking.dataset_hash(ctx.tile_table)])}"
+    root = Path(ctx.directory) / f"usegmix-pool-{_digest([part, tracking.dataset_hash(ctx.tile_table), _code()])}"
     pool_dir = root / "pool"
     if (pool_dir / "_manifest.json").exists():
         print(f"histoweak: usegmix: segment pool exists: {pool_dir}")
@@ -157,7 +168,8 @@ class SynthMapper:
             tries += 1
             segs = self.pool.segments_of(self.keys[i])
             out = synthesize(self.tiles["image"][i], [self.pool.mask(j) for j in segs], self.pool.features[segs], c,
-                             source, sampler, self.inpainter, rng, ratio=self.ratio)
+                             source, sampler, self.inpainter, rng, ratio=self.ratio,
+                             own=set(np.flatnonzero(np.isin(in_class, segs)).tolist()))
             if not out.ok and tries < 10 * n:  # this tile's segments cannot reach the ratio: take another
                 continue
             size = out.image.shape[0]
@@ -168,7 +180,7 @@ class SynthMapper:
                 "x": made, "y": 0, "level": 0, "downsample": 1.0, "size": size, "image": encode_image(out.image),
                 "mask": None, "labels": labels.tolist(), "label": c,
                 "tissue_ratio": float(self.tiles["tissue_ratio"][i]), "class_ratios": None, "group": None,
-                "mpp": float(self.tiles["mpp"][i]) if "mpp" in self.tiles and np.isfinite(self.tiles["mpp"][i]) else None,
+                "mpp": None,  # decode_tiles does not carry the column
                 "provenance": json.dumps({
                     "target_tile": self.keys[i],
                     "replaced": [[self.pool.segment_ids[segs[t]], self.pool.segment_ids[in_class[p]]]
@@ -185,7 +197,8 @@ def build_synthetic(ctx: SweepContext, settings: dict[str, Any], pool_dir: Path)
     from histoweak import tracking
 
     part = {k: settings[k] for k in SYNTH_KEYS}
-    out = Path(ctx.directory) / f"usegmix-synth-{_digest([part, str(pool_dir), tracking.dataset_hash(ctx.tile_table)])}"
+    key = _digest([part, str(pool_dir), tracking.dataset_hash(ctx.tile_table), _code()])
+    out = Path(ctx.directory) / f"usegmix-synth-{key}"
     manifest = out / "_manifest.json"
     if manifest.exists():
         print(f"histoweak: usegmix: synthetic tiles exist: {out}")

@@ -243,7 +243,8 @@ class Synthesis:
 
 def synthesize(image: np.ndarray, segments: Sequence[np.ndarray], segment_features: np.ndarray, label: int,
                pool: SegmentSource, sampler: ReplacementSampler, inpainter, rng: np.random.Generator,
-               ratio: tuple[float, float] = (0.3, 1.0), max_steps: int | None = None, band: int = 2) -> Synthesis:
+               ratio: tuple[float, float] = (0.3, 1.0), max_steps: int | None = None, band: int = 2,
+               own: set[int] | frozenset[int] = frozenset()) -> Synthesis:
     """Replace random segments of one target image of class ``label`` until the new-area ratio is in ``ratio``,
     then inpaint the seams once.
 
@@ -267,6 +268,9 @@ def synthesize(image: np.ndarray, segments: Sequence[np.ndarray], segment_featur
     ratio : (low, high), 0 <= low <= high <= 1 (§3.2: 30 %–100 %).
     max_steps : at most this many replacements tried (None: every segment may be tried).
     band : seam half-width around each pasted segment, in pixels (``paste``).
+    own : class-pool indices of the target image's own segments, never drawn: at distance 0 from their target,
+        eq. 1 would give them the largest probability whatever their weight (exp(−w·0) = 1), and a segment pasted
+        onto itself changes nothing but its seam.
     """
     lo, hi = ratio
     if not 0.0 <= lo <= hi <= 1.0:
@@ -276,8 +280,9 @@ def synthesize(image: np.ndarray, segments: Sequence[np.ndarray], segment_featur
     if feats.ndim != 2 or len(feats) != len(segments):
         raise ValueError(f"synthesize: {len(segments)} segments but segment features of shape {feats.shape}")
     n_pool = pool.n(label)
-    if n_pool < 1:
-        raise ValueError(f"synthesize: the pool has no segments of class {label}")
+    own = {int(j) for j in own}
+    if n_pool - len(own) < 1:
+        raise ValueError(f"synthesize: the pool has no segments of class {label} from other images")
     current = image.copy()
     pasted_all = np.zeros(image.shape[:2], bool)
     seam_all = np.zeros(image.shape[:2], bool)
@@ -291,7 +296,7 @@ def synthesize(image: np.ndarray, segments: Sequence[np.ndarray], segment_featur
         target = np.asarray(segments[i], bool)
         if not target.any():
             continue
-        exclude = used if len(used) < n_pool else None
+        exclude = own | used if len(own | used) < n_pool else own
         j = sampler.draw(label, feats[i], exclude=exclude, commit=False)
         crop, crop_mask = pool.crop(label, j)
         new, pasted, seam = paste(current, target, crop, crop_mask, band=band)
