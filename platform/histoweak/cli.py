@@ -133,6 +133,10 @@ def run_tiling(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+#: the embedded slide presets' size for --smoke-test: few small slides, every split with both labels
+SMOKE_SLIDES = dict(n_slides=12, size=1024)
+
+
 def resolve_data(data: str | None, smoke: bool = False, address: str | None = None) -> tuple[str, int]:
     """A tile table path and its class count; a missing or malformed table fails (``ValueError``) before Ray starts.
 
@@ -143,7 +147,7 @@ def resolve_data(data: str | None, smoke: bool = False, address: str | None = No
     from histoweak.data.defaults import default_tile_table, n_classes_of
 
     if data is None or data.startswith("synthetic:"):
-        from histoweak.data.defaults import PATCH_PRESETS
+        from histoweak.data.defaults import PATCH_PRESETS, SLIDE_PRESETS, default_slide_table
         from histoweak.data.synthetic import PRESETS
 
         preset = data.split(":", 1)[1] if data else "default"
@@ -151,7 +155,9 @@ def resolve_data(data: str | None, smoke: bool = False, address: str | None = No
             raise ValueError(f"--data {data}: unknown synthetic preset; valid: "
                              f"{', '.join('synthetic:' + p for p in sorted([*PRESETS, *PATCH_PRESETS]))}")
         init_ray(address)
-        if preset in PATCH_PRESETS:
+        if preset in SLIDE_PRESETS:  # served as a slide table (whole-slide methods): nothing is tiled
+            table = str(default_slide_table(preset=preset, **(SMOKE_SLIDES if smoke else {})))
+        elif preset in PATCH_PRESETS:
             table = str(default_tile_table(preset=preset))
         elif preset == "default" and smoke:
             table = str(default_tile_table(preset="tiny"))
@@ -189,6 +195,28 @@ def parse_overrides(items: list[str]) -> dict:
                 pass
         out[key.strip()] = parsed
     return out
+
+
+def cmd_slides(args: argparse.Namespace) -> int:
+    """A slide table (one row per slide, nothing tiled) for whole-slide methods (MagNets): from a CSV
+    (slide_id,path,label,split[,size_class,center]) or from Camelyon16/17's layouts."""
+    from histoweak.data.slide_table import slide_table_from_csv
+
+    if args.source == "csv":
+        if not args.csv:
+            raise ValueError("histoweak slides csv: give the CSV (--csv FILE)")
+        report = slide_table_from_csv(args.csv, args.out)
+    else:
+        from histoweak.data.sources.camelyon import camelyon_slide_table
+
+        if not (args.c16 or args.c17):
+            raise ValueError("histoweak slides camelyon: give --c16 ROOT and/or --c17 ROOT")
+        report = camelyon_slide_table(args.c16, args.c17, args.out, seed=args.seed)
+    print(f"{report.written} slides -> {Path(report.out_dir).resolve()}"
+          + (f"; {len(report.failures)} failed (listed in its _manifest.json):" if report.failures else ""))
+    for f in report.failures:
+        print(f"  {f.get('path') or f.get('slide_id')}: {f['problem']}", file=sys.stderr)
+    return 1 if report.failures else 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -574,6 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the data gives none; default 0.15, 0.15, 0) and --classes A,B,C (class order; default "
                         "sorted)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("slides", help="write a slide table (one row per slide, nothing tiled) for whole-slide "
+                                      "methods (magnet, attention_mil, mean_rgb): from a CSV or Camelyon16/17")
+    p.add_argument("source", choices=["csv", "camelyon"], help="csv: --csv FILE (slide_id,path,label,split"
+                                                               "[,size_class,center]); camelyon: --c16/--c17 roots")
+    p.add_argument("out", help="the slide table to write (a directory)")
+    p.add_argument("--csv", help="the CSV (paths relative to it)")
+    p.add_argument("--c16", help="Camelyon16's folder (training/normal, training/tumor, testing/images, ...)")
+    p.add_argument("--c17", help="Camelyon17's folder (training/center_K, training/stage_labels.csv, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Camelyon split (default %(default)s)")
+    p.set_defaults(func=cmd_slides)
 
     p = sub.add_parser("train", help="train one method with Ray Train")
     # No choices=: the registry fills in when histoweak.methods (torch, timm) is imported, too slow for every

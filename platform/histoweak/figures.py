@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["cam_histogram_figure", "cam_overlay_figure", "classification_test_figures", "confusion_matrix_figure", "group_accuracy_figure", "group_counts_figure", "metric_vs_params_figure",
-           "segmentation_samples_figure", "shortcut_figure", "stage2_prediction_figure", "fig5_figure"]
+           "segmentation_samples_figure", "shortcut_figure", "stage2_prediction_figure", "fig5_figure",
+           "magnet_zoom_figure", "slide_metric_figures"]
 
 
 def confusion_matrix_figure(cm: np.ndarray, labels: list[str]):
@@ -310,5 +311,88 @@ def fig5_figure(cells: dict, metrics: tuple[tuple[str, str], ...], relative: boo
     axes[0, 0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def slide_metric_figures(pred: dict) -> dict:
+    """A whole-slide classifier's pictures on test: AUROC per metastasis size class (MagNets' Table 1 columns)
+    and pixels read per slide against tiling the slide's tissue at the finest level read (log scale)."""
+    from histoweak import metrics
+
+    out = {}
+    if not pred or "probs" not in pred:
+        return out
+    aucs = metrics.auroc_by_size_class(pred["targets"], pred["probs"][:, 1], pred["size_class"])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = ["macro", "micro", "itc", "macro_micro", "all"]
+    vals = [aucs[n] for n in names]
+    ax.bar(range(len(names)), np.nan_to_num(vals, nan=0.0), color="#4477aa")
+    for i, v in enumerate(vals):
+        ax.text(i, (0 if np.isnan(v) else v) + 0.02, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(names)), ["Macro", "Micro", "ITC", "Macro & Micro", "All"])
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test AUROC")
+    fig.tight_layout()
+    out["test_auroc_by_size_class.png"] = fig
+    fig, ax = plt.subplots(figsize=(5, 3))
+    idx = np.arange(len(pred["pixels"]))
+    ax.bar(idx - 0.2, np.maximum(pred["pixels"], 1), 0.4, label="read", color="#4477aa")
+    ax.bar(idx + 0.2, np.maximum(pred["tiling_pixels"], 1), 0.4, label="tiling at the finest level read",
+           color="#bbbbbb")
+    ax.set_yscale("log")
+    ax.set_xticks(idx, [str(s)[-12:] for s in pred["slide_id"]], rotation=60, fontsize=6)
+    ax.set_ylabel("pixels per slide")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out["test_pixels_read.png"] = fig
+    return out
+
+
+def magnet_zoom_figure(path: str, record: dict, label: int, size_class: str, overview: int = 512):
+    """MagNets' Fig. 5 for one slide: the slide (grey-filtered) with the squares chosen at each layer, the
+    last layer's patches, and the GRU's probability of tumour after each patch.
+
+    record : a ``MagNet.forward_slides`` record: ``boxes`` (per layer (n, 3) cx, cy, half in canvas
+        coordinates), ``leaves`` (n, h, w, 3) uint8, ``step_probs`` (n,)
+    """
+    from matplotlib.patches import Rectangle
+
+    from histoweak.slides.reader import SlideReader
+    from histoweak.slides.regions import grey_filter, read_box
+
+    with SlideReader(path) as reader:
+        rgb, _ = read_box(reader, (0.0, 0.0, 1.0), overview)
+    leaves, probs = record["leaves"], record["step_probs"]
+    n = len(leaves)
+    cols = min(n, 9)
+    rows = int(np.ceil(n / cols))
+    fig = plt.figure(figsize=(4 + 1.1 * cols, max(4.2, 1.2 * rows + 1.8)))
+    gs = fig.add_gridspec(rows + 1, cols + 4)
+    ax = fig.add_subplot(gs[:, :4])
+    ax.imshow(grey_filter(rgb))
+    colours = ["#ee3377", "#ffdd00", "#33bbee", "#44dd66"]
+    for layer, bx in enumerate(record["boxes"][1:]):
+        for cx, cy, half in bx:
+            x0, y0 = (cx - half + 1) / 2 * overview, (cy - half + 1) / 2 * overview
+            ax.add_patch(Rectangle((x0, y0), half * overview, half * overview, fill=False,
+                                   ec=colours[layer % len(colours)], lw=1.2, label=f"layer {layer + 1}"))
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    ax.set_title(f"{str(path).rsplit('/', 1)[-1]}  label={label} ({size_class})", fontsize=8)
+    ax.axis("off")
+    for i in range(n):
+        a = fig.add_subplot(gs[i // cols, 4 + i % cols])
+        a.imshow(leaves[i])
+        a.set_title(f"{i + 1}", fontsize=6)
+        a.axis("off")
+    a = fig.add_subplot(gs[rows, 4:])
+    a.plot(np.arange(1, n + 1), probs, marker="o", color="#ee3377")
+    a.set_ylim(0, 1)
+    a.set_xlabel("last-layer patch (GRU step)", fontsize=7)
+    a.set_ylabel("P(tumour)", fontsize=7)
+    a.tick_params(labelsize=6)
     fig.tight_layout()
     return fig

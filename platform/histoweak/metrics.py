@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = [
+__all__ = ["auroc_by_size_class", 
     "accuracy",
     "auroc",
     "balanced_accuracy",
@@ -103,6 +103,28 @@ def f1_scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = No
     used = (tp + fp + fn) > 0
     per = 2 * tp[used] / (2 * tp[used] + fp[used] + fn[used])
     return {"f1_micro": float(micro), "f1_macro": float(per.mean()) if per.size else float("nan")}
+
+
+def auroc_by_size_class(y_true: np.ndarray, scores: np.ndarray, size_class: np.ndarray,
+                        classes: tuple[str, ...] = ("macro", "micro", "itc")) -> dict[str, float]:
+    """Slide-level AUROC overall and per metastasis size class, as MagNets' Table 1 reports it.
+
+    ``all``: every slide. ``<c>``: the positive slides of size class ``c`` against every negative slide;
+    ``macro_micro``: the positives of either against every negative. NaN where a side is empty.
+
+    Parameters
+    ----------
+    y_true : (N,) {0, 1} slide labels
+    scores : (N,) float, higher = more likely tumour
+    size_class : (N,) str ("negative", "itc", "micro", "macro"; anything else is counted in ``all`` only)
+    """
+    y_true, scores = np.asarray(y_true).astype(bool), np.asarray(scores, float)
+    size_class = np.asarray(size_class, dtype=object)
+    out = {"all": auroc(y_true, scores)}
+    for name, members in [*((c, (c,)) for c in classes), ("macro_micro", ("macro", "micro"))]:
+        keep = ~y_true | (y_true & np.isin(size_class, members))
+        out[name] = auroc(y_true[keep], scores[keep])
+    return out
 
 
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:

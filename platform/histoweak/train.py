@@ -58,7 +58,7 @@ from histoweak.methods.base import RunInfo, Task, check_hparams, predict_split, 
 from histoweak.schedules import apply_lr, check_schedule
 
 __all__ = ["MlflowMetricsCallback", "TrainConfig", "TrainOutcome", "WorkerPlan", "class_names_of", "evaluate", "fit",
-           "load_trained", "manifest_of", "plan_workers", "predict_split", "run_info", "score_checkpoint",
+           "check_table", "load_trained", "manifest_of", "plan_workers", "predict_split", "run_info", "score_checkpoint",
            "train_loop_per_worker"]
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -216,8 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
                     batch[key] = next(stream)
             logs.append(method.step(to_device(batch, device)))
             _maybe_inject_fault(epoch, rank)
-            n += len(batch["image"])
-            if "slide_id" in batch:  # the row keys are read only for HISTOWEAK_WORKER_TRACE (see fit)
+            n += len(batch["image"] if "image" in batch else batch["label"])  # tiles, or slides
+            if "slide_id" in batch and "x" in batch:  # the row keys are read only for HISTOWEAK_WORKER_TRACE (see fit)
                 rows += zip(batch["slide_id"], batch["x"].tolist(), batch["y"].tolist())
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean([l["loss"] for l in logs])) if logs else float("nan"),
                                      "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9),
@@ -386,7 +386,8 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     if workers.data is not None:
         apply_resource_plan(workers.data)
     method_cls = METHODS[config.method]
-    cols = list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns]))
+    check_table(method_cls, tile_table)
+    cols = _columns(method_cls)
     if "HISTOWEAK_WORKER_TRACE" in config.worker_env:  # the trace names the rows each rank trained on
         cols += ["slide_id", "x", "y"]
     plan = method_cls.data_plan(check_hparams(method_cls.Hparams, dict(config.hparams), config.method),
@@ -474,8 +475,26 @@ def _stain_reference(tile_table: str) -> dict:
     return {**fit_reference(image), "tile": keys[i]}
 
 
+def _columns(method_cls, evaluation: bool = False) -> list[str]:
+    """The table columns a run of ``method_cls`` reads (in training, or in evaluation)."""
+    from histoweak.data.slide_table import SLIDE_COLUMNS
+
+    base = SLIDE_COLUMNS if method_cls.table == "slides" else TRAIN_COLUMNS
+    return list(dict.fromkeys([*base, *method_cls.train_columns, *(method_cls.eval_columns if evaluation else ())]))
+
+
 def _eval_columns(method_cls) -> list[str]:
-    return list(dict.fromkeys([*TRAIN_COLUMNS, *method_cls.train_columns, *method_cls.eval_columns]))
+    return _columns(method_cls, evaluation=True)
+
+
+def check_table(method_cls, table: str) -> None:
+    """Fail (``ValueError``, naming the table) when ``table`` is not the kind ``method_cls`` streams: a slide
+    table (``data.slide_table``) for whole-slide methods, a tile table for the others."""
+    kind = manifest_of(table).get("kind", "tiles")
+    if kind != method_cls.table:
+        how = ("a slide table (`histoweak slides`, or --data synthetic:camelyon)" if method_cls.table == "slides"
+               else "a tile table (`histoweak tile` / `histoweak import`)")
+        raise ValueError(f"{table}: a {kind} table, but method {method_cls.name!r} trains on {how}")
 
 
 def _group_fn(config: TrainConfig, n_classes: int):

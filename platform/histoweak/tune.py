@@ -413,6 +413,9 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
         raise ValueError(f"{step} with --storage {storage}: the method's steps around the trials write their tables "
                          "(PSCL's pseudo-labels, USegMix's synthetic tiles) beside the sweep's directory, which must be "
                          "local for now; use a local or shared-filesystem --storage")
+    from histoweak.train import check_table
+
+    check_table(METHODS[space.method], tile_table)  # a slide table for whole-slide methods, tiles for the others
     uri = tracking.tracking_uri()
     store = _store_key(uri)
     plan = plan_sweep(space, tile_table, storage, restart)

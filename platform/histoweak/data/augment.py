@@ -65,7 +65,10 @@ def colour_jitter(images: np.ndarray, rng: np.random.Generator, brightness: floa
 
 
 def augment_batch(batch: dict, seed: int | None = None, colour: bool = True) -> dict:
-    """Flip/rot90 (images and masks) and colour jitter (images) on a decoded batch dict."""
+    """Flip/rot90 (images and masks) and colour jitter (images) on a decoded batch dict; a batch without images
+    (a slide table's rows: the method reads and augments its own pixels) is returned as is."""
+    if "image" not in batch:
+        return batch
     rng = np.random.default_rng(seed)
     images, masks = flip_rot90(batch["image"], batch.get("mask"), rng)
     if colour:

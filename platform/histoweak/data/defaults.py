@@ -1,14 +1,18 @@
-"""The embedded default dataset: synthetic slides tiled into a cache directory on first use, reused after."""
+"""The embedded default datasets: synthetic slides tiled (or listed as a slide table) into a cache directory on
+first use, reused after."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["PATCH_PRESETS", "default_tile_table", "n_classes_of"]
+__all__ = ["PATCH_PRESETS", "SLIDE_PRESETS", "default_slide_table", "default_tile_table", "n_classes_of"]
 
 #: embedded patch datasets (class-per-folder PNGs, imported with the `folder` source): name -> writer kwargs
 PATCH_PRESETS = {"grades": {}}  # data.synthetic_grades: four ordinal grades (BN/WD/MD/PD), few tiles per class
+
+#: synthetic presets served as slide tables (whole-slide classification; see ``default_slide_table``)
+SLIDE_PRESETS = {"camelyon"}
 
 _TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_size=128, min_tissue=0.3),
            # every tile with any tissue: GERNE's groups are about how little tissue a tile holds
@@ -27,7 +31,7 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
     from histoweak.data.tiling_job import discover_slides, load_classes, tile_dataset
     from histoweak.slides.tiling import TilingParams
 
-    root = Path(cache).resolve() / "-".join([preset, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+    root = _cache_root(cache, preset, overrides)
     tiles = root / "tiles"
     manifest = tiles / "_manifest.json"
     if preset in PATCH_PRESETS:
@@ -43,6 +47,43 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
     if report.failures:
         raise RuntimeError(f"tiling the default dataset failed: {report.failures}")
     return tiles
+
+
+def _cache_root(cache: str | Path, preset: str, overrides: dict) -> Path:
+    """The cache directory of ``preset`` with ``overrides``: its synthetic slides and the tables made from them."""
+    return Path(cache).resolve() / "-".join([preset, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+
+
+def default_slide_table(cache: str | Path = ".cache/data", preset: str = "camelyon", **overrides) -> Path:
+    """Path to the synthetic ``preset`` as a slide table under ``cache`` (synthesized and written when missing).
+
+    The slides are synthesized into ``<cache>/<preset…>/slides`` (shared with ``default_tile_table``) and the
+    table written at ``<cache>/<preset…>/slide_table``; both are reused while the preset is unchanged, and
+    made again when its knobs change (the table's manifest records them). ``overrides`` change knobs of
+    the preset (e.g. ``n_slides=12``) and get a cache directory of their own. No Ray.
+    """
+    from dataclasses import asdict, replace
+
+    from histoweak.data.slide_table import is_slide_table, slide_table_from_csv
+    from histoweak.data.synthetic import PRESETS, synthesize
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; valid: {sorted(PRESETS)}")
+    recipe = json.loads(json.dumps({**asdict(replace(PRESETS[preset], **overrides)), "seed": 0}))
+    root = _cache_root(cache, preset, overrides)
+    slides, table = root / "slides", root / "slide_table"
+    if is_slide_table(table) and json.loads((table / "_manifest.json").read_text())["params"].get("synthetic") == recipe:
+        return table
+    made = slides / "preset.json"
+    if not (slides / "slides.csv").exists() or not made.exists() or json.loads(made.read_text()) != recipe:
+        why = "the preset changed" if made.exists() else "first use"
+        print(f"histoweak: synthesizing the {preset!r} dataset into {slides} ({why})")
+        synthesize(slides, preset, **overrides)
+    report = slide_table_from_csv(slides / "slides.csv", table, source=f"synthetic-{preset}",
+                                  params={"synthetic": recipe}, overwrite=True)
+    if report.failures:
+        raise RuntimeError(f"writing the default slide table failed: {report.failures}")
+    return table
 
 
 def _patch_table(root: Path, preset: str, kwargs: dict) -> Path:

@@ -148,8 +148,10 @@ def decode_tiles(batch: pa.Table) -> dict[str, np.ndarray]:
                                              np.float32)
         else:
             out["class_ratios"] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
-    if "slide_id" in names:
-        out["slide_id"] = np.asarray(batch.column("slide_id").to_pylist(), dtype=object)
+    for key in names:  # other text columns (a slide table's path, size_class): passed through as objects
+        if key not in out and key != "split" and (pa.types.is_string(batch.schema.field(key).type)
+                                                  or pa.types.is_large_string(batch.schema.field(key).type)):
+            out[key] = np.asarray(batch.column(key).to_pylist(), dtype=object)
     return out
 
 

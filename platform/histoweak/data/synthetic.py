@@ -18,6 +18,15 @@ method's claim depends on is a documented knob of ``SynthPreset``:
   elsewhere its look is blended towards the average tissue by ``partial``,
   so at 0.7 only 30 % of the class-specific contrast remains outside cores
   (a weaker but real cue), and at 1 none does.
+- ``metastasis``: metastasis size classes, Camelyon-like (the ``camelyon``
+  preset). Each entry is (size class, min radius, max radius, clusters), radii
+  as fractions of the slide side. The tumour slides take the classes in turn
+  (every class appears), and a slide's tumour is its class's clusters only,
+  drawn wholly inside the main tissue (``tumor_radius``, ``tumor_count`` and
+  tumour islands are not used). Such presets have exactly
+  ``round(tumor_prob * n_slides)`` tumour slides (at least 3 of each label
+  from 6 slides on) and splits stratified by label and size class, so every
+  split holds both labels from 6 slides on.
 
 Slides are tiled TIFFs whose reduced levels are successive pages marked
 ``subfiletype=1`` (so OpenSlide sees every level), JPEG-compressed, with
@@ -72,6 +81,8 @@ class SynthPreset:
     partial: float = 0.0  # 0-1: how much of each region loses its class's look outside "discriminative cores"
     dark_background: bool = False
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test
+    # (size class, min radius, max radius as fractions of the side, clusters); see the module docstring
+    metastasis: tuple[tuple[str, float, float, int], ...] = ()
 
     def __post_init__(self):
         def bad(key, why):
@@ -93,6 +104,22 @@ class SynthPreset:
             bad("class_mix", "must be three non-negative weights (stroma, lymphocytes, necrosis)")
         if abs(sum(self.splits) - 1) > 1e-6 or len(self.splits) != 3:
             bad("splits", f"must be three fractions summing to 1, got {self.splits}")
+        if self.metastasis:
+            from histoweak.data.slide_table import SIZE_CLASSES
+
+            names = [m[0] if isinstance(m, (tuple, list)) and m else None for m in self.metastasis]
+            if len(set(names)) != len(names):
+                bad("metastasis", f"size class names must be unique, got {names}")
+            for m in self.metastasis:
+                if not isinstance(m, (tuple, list)) or len(m) != 4:
+                    bad("metastasis", f"each entry must be (size class, min radius, max radius, clusters), got {m!r}")
+                name, lo, hi, count = m
+                if name not in SIZE_CLASSES[1:]:
+                    bad("metastasis", f"size class {name!r} is not one of {list(SIZE_CLASSES[1:])}")
+                if not 0 < lo <= hi < 0.5:
+                    bad("metastasis", f"{name!r}: radii must satisfy 0 < min <= max < 0.5, got ({lo}, {hi})")
+                if not isinstance(count, (int, np.integer)) or count < 1:
+                    bad("metastasis", f"{name!r}: clusters must be an integer >= 1, got {count!r}")
 
 
 PRESETS: dict[str, SynthPreset] = {
@@ -100,9 +127,13 @@ PRESETS: dict[str, SynthPreset] = {
     "tiny": SynthPreset(name="tiny", size=1024, n_slides=3, fragments=3),
     "weak-shortcut": SynthPreset(name="weak-shortcut", shortcut=0.1, fragments=2),
     "strong-shortcut": SynthPreset(name="strong-shortcut", shortcut=0.9, fragments=12),
+    # Slide classification, Camelyon-like: small tissue pieces on white, half the slides with one metastasis
+    # of a size class. On a 56x56 overview of the slide (73 level-0 px a pixel) a macro metastasis spans
+    # 4-7 overview pixels, a micro one 1-2 and an ITC cluster (25-41 px across) well under one.
     "camelyon": SynthPreset(
-        name="camelyon", size=6144, n_slides=6, tissue_fraction=0.12, tissue_pieces=3, fragments=4,
-        tumor_prob=0.5, tumor_count=(1, 2), tumor_radius=(0.006, 0.015), shortcut=0.0,
+        name="camelyon", size=4096, n_slides=24, tissue_fraction=0.15, tissue_pieces=3, fragments=4,
+        tumor_prob=0.5, shortcut=0.0,
+        metastasis=(("macro", 0.035, 0.06, 1), ("micro", 0.010, 0.018, 1), ("itc", 0.003, 0.005, 2)),
     ),
     "multimodal": SynthPreset(name="multimodal", dark_background=True),
     # PSCL's weakly-supervised segmentation: all classes mixed in every slide, partial activation.
@@ -135,8 +166,9 @@ def _blob(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float, an
     return np.sqrt(u * u + v * v)
 
 
-def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor: bool) -> np.ndarray:
-    """(n, n) uint8 class map at low resolution."""
+def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor: bool,
+               metastasis: tuple[str, float, float, int] | None = None) -> np.ndarray:
+    """(n, n) uint8 class map at low resolution; ``metastasis``: the tumour slide's size class entry."""
     noise = _smooth_noise(rng, (n, n), n / 24)
     # Main tissue: a few overlapping ellipses with a wobbly outline, grown to the target area.
     field = np.full((n, n), np.inf, np.float32)
@@ -154,7 +186,7 @@ def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor:
         r = rng.uniform(*preset.fragment_radius) * n
         cy, cx = rng.uniform(0.05, 0.95, 2) * n
         island = (_blob((n, n), cy, cx, r, r * rng.uniform(0.6, 1.4), rng.uniform(0, np.pi)) < 1 + 0.3 * noise) & ~tissue
-        if has_tumor and rng.random() < (1 - preset.shortcut) / 2:
+        if has_tumor and rng.random() < (1 - preset.shortcut) / 2 and metastasis is None:
             tumour_islands |= island
         tissue |= island
 
@@ -163,7 +195,9 @@ def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor:
     fields = np.stack([_smooth_noise(rng, (n, n), n / 20) + 2.2 * np.log(max(m, 1e-6) + 1e-6) for m in mix])
     labels = np.where(tissue, (np.argmax(fields, axis=0) + STROMA).astype(np.uint8), np.uint8(BG))
 
-    if has_tumor:
+    if has_tumor and metastasis is not None:
+        _metastasis(labels, rng, main_tissue, noise, metastasis)
+    elif has_tumor:
         depth = ndi.distance_transform_edt(main_tissue).astype(np.float32)
         min_depth = preset.shortcut * depth.max() * 0.5
         allowed = depth >= max(min_depth, 1.0)
@@ -183,6 +217,35 @@ def _label_map(preset: SynthPreset, rng: np.random.Generator, n: int, has_tumor:
     return labels
 
 
+def _metastasis(labels: np.ndarray, rng: np.random.Generator, main_tissue: np.ndarray, noise: np.ndarray,
+                metastasis: tuple[str, float, float, int]) -> None:
+    """Paint one size class's tumour clusters into ``labels`` (in place), each wholly inside the main tissue.
+
+    A cluster's centre lies at least its radius deep in the main tissue when such a place exists, so the
+    class's size is not cut off at the tissue's edge; the centre pixel is always tumour, so even a cluster
+    smaller than a pixel of this map leaves a trace.
+    """
+    n = labels.shape[0]
+    _, r_lo, r_hi, clusters = metastasis
+    depth = ndi.distance_transform_edt(main_tissue).astype(np.float32)
+    inside = main_tissue & (depth >= 1.0)
+    if not inside.any():
+        inside = main_tissue if main_tissue.any() else labels > 0
+    tumor = np.zeros((n, n), bool)
+    for _ in range(clusters):
+        r = rng.uniform(r_lo, r_hi) * n
+        deep = np.argwhere(inside & (depth >= r))
+        candidates = deep if len(deep) else np.argwhere(inside)
+        cy, cx = candidates[rng.integers(len(candidates))]
+        shape = _blob((n, n), cy, cx, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi))
+        tumor |= shape < 1 + 0.25 * _smooth_noise(rng, (n, n), max(r / 3, 1))
+        tumor[cy, cx] = True
+    labels[tumor & inside] = TUMOR
+    # Necrotic cores inside the largest metastases only.
+    core = ndi.distance_transform_edt(labels == TUMOR) > r_hi * n * 0.6
+    labels[core & (noise > 0.3)] = NECROSIS
+
+
 def _class_look(preset: SynthPreset, rng: np.random.Generator, n: int, mask: np.ndarray) -> np.ndarray:
     """(n, n) float32 weight of each pixel's class look: 1 in discriminative cores (~1/3 of the area), 1 - partial elsewhere."""
     field = _smooth_noise(rng, (n, n), n / 48)
@@ -190,8 +253,17 @@ def _class_look(preset: SynthPreset, rng: np.random.Generator, n: int, mask: np.
     return (1.0 - preset.partial * (1.0 - core)).astype(np.float32)
 
 
-def render_slide(preset: SynthPreset, seed: int, has_tumor: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render_slide(preset: SynthPreset, seed: int, has_tumor: bool | None = None,
+                 size_class: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render one slide.
+
+    Parameters
+    ----------
+    preset : the generator's knobs.
+    seed : the slide's content follows from it.
+    has_tumor : whether the slide holds tumour; None: drawn with ``preset.tumor_prob``.
+    size_class : for presets with ``metastasis``, the name of the tumour slide's size class;
+        None: drawn from the seed. Must be None (or ``"negative"``) for a slide without tumour.
 
     Returns
     -------
@@ -202,9 +274,22 @@ def render_slide(preset: SynthPreset, seed: int, has_tumor: bool | None = None) 
     rng = np.random.default_rng(seed)
     if has_tumor is None:
         has_tumor = bool(rng.random() < preset.tumor_prob)
+    metastasis = None
+    if size_class not in (None, "negative") and not preset.metastasis:
+        raise ValueError(f"synthetic preset {preset.name!r} has no metastasis size classes; got {size_class!r}")
+    if preset.metastasis and has_tumor:
+        by_name = {m[0]: m for m in preset.metastasis}
+        if size_class is None:
+            size_class = preset.metastasis[rng.integers(len(preset.metastasis))][0]
+        if size_class not in by_name:
+            raise ValueError(f"synthetic preset {preset.name!r}: unknown size class {size_class!r} for a tumour "
+                             f"slide; valid: {sorted(by_name)}")
+        metastasis = by_name[size_class]
+    elif size_class not in (None, "negative"):
+        raise ValueError(f"size class {size_class!r} given for a slide without tumour")
     n = preset.size
     factor = 4
-    low = _label_map(preset, rng, n // factor, has_tumor)
+    low = _label_map(preset, rng, n // factor, has_tumor, metastasis)
     mask = np.repeat(np.repeat(low, factor, axis=0), factor, axis=1)
     if mask.shape[0] != n:
         mask = np.pad(mask, ((0, n - mask.shape[0]), (0, n - mask.shape[1])), mode="edge")
@@ -286,6 +371,57 @@ def write_pyramid(path: str | Path, image: np.ndarray, mpp: float | None = None,
     return path
 
 
+def _split_counts(n: int, splits: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(train, val, test) slide counts; every split with a non-zero share gets a slide from 3 slides on."""
+    n_val = max(int(n >= 3 and splits[1] > 0), round(splits[1] * n))
+    n_test = max(int(n >= 3 and splits[2] > 0), round(splits[2] * n))
+    return n - n_val - n_test, n_val, n_test
+
+
+def _deal(n: int, counts: tuple[int, ...]) -> list[int]:
+    """Split index of each of ``n`` ordered items, dealt so that every prefix holds each split's share
+    (to within one item) and the totals are ``counts`` exactly: a stratified assignment of an ordered list."""
+    assigned = [0] * len(counts)
+    out = []
+    for k in range(1, n + 1):
+        s = max(range(len(counts)), key=lambda j: counts[j] * k - assigned[j] * n)  # largest deficit, in integers
+        assigned[s] += 1
+        out.append(s)
+    return out
+
+
+def _layout(preset: SynthPreset, seed: int) -> list[tuple[bool, str | None, str]]:
+    """(has tumour, size class or None, split) of each slide, from ``seed``.
+
+    Without ``metastasis``: tumour drawn per slide with ``tumor_prob`` (slides 0 and 1 forced to both labels)
+    and splits in slide order. With it: exactly ``round(tumor_prob * n)`` tumour slides, at random (at
+    least 3 of each label from 6 slides on), the size classes in turn over them, and each label's slides
+    dealt over the splits in size-class order, so each split holds both labels and a share of each class.
+    """
+    names = ("train", "val", "test")
+    n = preset.n_slides
+    rng = np.random.default_rng(seed)
+    if not preset.metastasis:
+        flags = rng.random(n) < preset.tumor_prob
+        if preset.tumor_prob not in (0.0, 1.0) and n >= 2:  # both labels present
+            flags[0], flags[1] = True, False
+        n_train, n_val, _ = _split_counts(n, preset.splits)
+        return [(bool(f), None, names[0 if i < n_train else 1 if i < n_train + n_val else 2])
+                for i, f in enumerate(flags)]
+    n_tumor = round(preset.tumor_prob * n)
+    if 0 < preset.tumor_prob < 1:
+        least = 3 if n >= 6 else 1 if n >= 2 else 0
+        n_tumor = min(max(n_tumor, least), n - least)
+    tumor = sorted(int(i) for i in rng.permutation(n)[:n_tumor])
+    classes = {i: preset.metastasis[k % len(preset.metastasis)][0] for k, i in enumerate(tumor)}
+    order = {name: k for k, (name, *_) in enumerate(preset.metastasis)}
+    split = {}
+    for group in ([i for i in range(n) if i not in classes], sorted(tumor, key=lambda i: (order[classes[i]], i))):
+        for i, s in zip(group, _deal(len(group), _split_counts(len(group), preset.splits))):
+            split[i] = names[s]
+    return [(i in classes, classes.get(i), split[i]) for i in range(n)]
+
+
 def synthesize(out_dir: str | Path, preset: SynthPreset | str = "default", seed: int = 0, **overrides) -> Path:
     """Write a synthetic dataset: slides, masks, ``classes.json`` and ``slides.csv``.
 
@@ -309,28 +445,21 @@ def synthesize(out_dir: str | Path, preset: SynthPreset | str = "default", seed:
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    # Every split with a non-zero share gets at least one slide when there are enough slides.
-    n = preset.n_slides
-    n_val = max(int(n >= 3 and preset.splits[1] > 0), round(preset.splits[1] * n))
-    n_test = max(int(n >= 3 and preset.splits[2] > 0), round(preset.splits[2] * n))
-    n_train = n - n_val - n_test
     rows = []
-    rng = np.random.default_rng(seed)
-    tumor_flags = rng.random(preset.n_slides) < preset.tumor_prob
-    if preset.tumor_prob not in (0.0, 1.0) and preset.n_slides >= 2:  # both labels present
-        tumor_flags[0], tumor_flags[1] = True, False
-    for i in range(preset.n_slides):
+    for i, (has_tumor, size_class, split) in enumerate(_layout(preset, seed)):
         slide_id = f"{preset.name}-{seed}-{i:03d}"
-        rgb, mask = render_slide(preset, seed * 100_003 + i, has_tumor=bool(tumor_flags[i]))
+        rgb, mask = render_slide(preset, seed * 100_003 + i, has_tumor=has_tumor, size_class=size_class)
         write_pyramid(out / "slides" / f"{slide_id}.tiff", rgb, mpp=preset.mpp)
         write_pyramid(out / "masks" / f"{slide_id}.tiff", mask, mpp=preset.mpp)
-        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-        rows.append(dict(slide_id=slide_id, path=f"slides/{slide_id}.tiff", mask_path=f"masks/{slide_id}.tiff",
-                         label=int((mask == TUMOR).any()), split=split))
+        row = dict(slide_id=slide_id, path=f"slides/{slide_id}.tiff", mask_path=f"masks/{slide_id}.tiff",
+                   label=int((mask == TUMOR).any()), split=split)
+        if preset.metastasis:
+            row["size_class"] = size_class if row["label"] else "negative"
+        rows.append(row)
     (out / "classes.json").write_text(json.dumps({str(i): c for i, c in enumerate(CLASSES)}, indent=2))
     (out / "preset.json").write_text(json.dumps({**asdict(preset), "seed": seed}, indent=2))
     with open(out / "slides.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "mask_path", "label", "split"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return out / "slides.csv"

@@ -391,6 +391,10 @@ class Method(nn.Module):
     needs_groups: ClassVar[bool] = False
     #: a generative model of the tiles (USegMix's DDPM): it trains and evaluates (a loss), predicts no target
     generative: ClassVar[bool] = False
+    #: the table a run streams: "tiles" (a tile table, decoded images in every batch) or "slides" (a slide table,
+    #: ``data.slide_table``: one row per slide, ``path`` in the batch; the method reads the pixels it wants, as
+    #: MagNets do — ``methods._wsi``)
+    table: ClassVar[str] = "tiles"
     #: extra tile-table columns the method reads in training / in evaluation (e.g. pixel masks)
     train_columns: ClassVar[tuple[str, ...]] = ()
     eval_columns: ClassVar[tuple[str, ...]] = ()

@@ -7,13 +7,14 @@ level-0 pixels and a size in pixels of the requested level.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import openslide
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["MaskReader", "SlideError", "SlideReader"]
+__all__ = ["MaskReader", "SlideError", "SlideReader", "cached_reader"]
 
 # Plain images can be large; the decompression-bomb guard is for untrusted web input.
 Image.MAX_IMAGE_PIXELS = None
@@ -61,6 +62,10 @@ class SlideReader:
                 self._image.load()
             except (OSError, ValueError, SyntaxError) as exc:
                 raise SlideError(self.path, f"corrupt or truncated image ({exc})") from None
+        #: pixels ``read_region`` returned, at the levels read / as level-0 area (their size times the level's
+        #: downsample squared): what a method that reads only where it looks (MagNets) is measured by
+        self.pixels_read = 0
+        self.level0_pixels_read = 0.0
 
     # -- context management ---------------------------------------------------
     def __enter__(self) -> SlideReader:
@@ -138,6 +143,8 @@ class SlideReader:
             rgba = np.asarray(self._slide.read_region(tuple(map(int, location)), level, tuple(map(int, size))))
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideError(self.path, f"read failed at {tuple(location)} level {level} ({exc})") from None
+        self.pixels_read += int(size[0]) * int(size[1])
+        self.level0_pixels_read += int(size[0]) * int(size[1]) * float(self.level_downsamples[level]) ** 2
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
         if alpha.min() < 255:  # transparent = outside the scanned area: show it as background
@@ -156,6 +163,23 @@ class SlideReader:
 
     def __repr__(self) -> str:
         return f"SlideReader({str(self.path)!r}, levels={self.level_count}, dims={self.dimensions})"
+
+
+_OPEN: "OrderedDict[str, SlideReader]" = OrderedDict()
+
+
+def cached_reader(path: str | Path, max_open: int = 32) -> SlideReader:
+    """A ``SlideReader`` of ``path`` kept open in this process (least recently used closed beyond ``max_open``).
+
+    For models that read regions of many slides step after step (MagNets, attention-MIL): a worker opens each
+    slide once, not once per read. Its pixel counters accumulate over the process's reads.
+    """
+    key = str(Path(path).resolve())
+    reader = _OPEN.pop(key, None) or SlideReader(key)
+    _OPEN[key] = reader
+    while len(_OPEN) > max_open:
+        _OPEN.popitem(last=False)[1].close()
+    return reader
 
 
 class MaskReader:
