@@ -4,6 +4,7 @@ Tables are printed and written to benchmarks/results/<name>.json.
 """
 
 import sys
+import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -19,6 +20,7 @@ import segcls_settings  # noqa: E402
 import bench_usegmix_inpaint  # noqa: E402
 import bench_usegmix_segments  # noqa: E402
 import usegmix_counts  # noqa: E402
+import magnet_vs_tiling  # noqa: E402
 
 
 def main() -> None:
@@ -39,6 +41,7 @@ def main() -> None:
     pscl_cam = pscl_vs_cam.main(["--quick"])  # the full comparison: python benchmarks/pscl_vs_cam.py
     segcls = segcls_settings.main(["--quick"])  # the full Fig. 5 / Table D.5: python benchmarks/segcls_settings.py
     usegmix = usegmix_counts.main(["--quick"])  # the full Table 1 + KID: python benchmarks/usegmix_counts.py
+    magnet = magnet_vs_tiling.main(["--quick"])  # the full Table 1 (3 seeds): python benchmarks/magnet_vs_tiling.py
     print("\n== summary ==")
     print(f"tiling: histoweak / DeepZoom single process = {tiling['ratio']:.2f}x (goal >= 1.6x)")
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
@@ -56,6 +59,9 @@ def main() -> None:
     print("usegmix (short form): test F1 macro vs no synthesis: " + ", ".join(
         f"{k} {g:+.1f} points" for k, g in usegmix["gains"].items()) + "; KID x1000 vs held-out real: " + ", ".join(
         f"{k} {v:.1f}" for k, v in usegmix["kid"].items()))
+    print("magnet (short form): test AUROC " + ", ".join(
+        f"{name}: {100 * np.nanmean(c.get('test_auroc', [np.nan])):.0f}, pixels read / tiling "
+        f"1/{np.nanmean(c.get('test_pixels_ratio', [np.nan])):.1f}" for name, c in magnet.items()))
     print("usegmix phase 1, segments/s: " + ", ".join(f"{k} {v:.2f}" for k, v in segments.items())
           + "; phase 2, s per image: " + ", ".join(f"{k} {v:.3f}" for k, v in inpaint.items()))
     if pscl["max_rel_diff"] is None:

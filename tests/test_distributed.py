@@ -1,6 +1,6 @@
 """Multi-GPU correctness without GPUs: gradient averaging across Ray Train workers, and the worker planner.
 
-A. Every registered method, on every target it supports: the gradient two Ray Train workers (gloo, CPU) average
+A. Every registered method, on every target it supports (whole-slide methods on a batch of 4 small slides): the gradient two Ray Train workers (gloo, CPU) average
    in ``Method.step``, each holding half of a batch (and half of every extra stream, e.g. GERNE's ``balanced``),
    equals the gradient of one process on the whole batch. One ``TorchTrainer`` run steps all methods.
    Tolerance: max |g_2 workers − g_1 process| <= 1e-5 · max |g_1 process|, over all parameters, in float32.
@@ -45,11 +45,35 @@ RTOL = 1e-5
 VARIANTS = {"gerne naive": ("gerne", "class:1", {"fused": False}), "pscl sampled": ("pscl", "labels", {"max_pixels": 8})}
 
 
+#: whole-slide methods (a batch of slide paths, slide labels): deterministic settings (no random views of the
+#: slide, MagNet's bilinear sampler: LMS draws its own auxiliary points in each process)
+SLIDE_HPARAMS = {"magnet": {"aux_backbone": "test_resnet", "leaf_size": 64, "layers": 2, "patches": 2,
+                            "sampler": "bilinear", "augment": False},
+                 "attention_mil": {"tile": 64}, "mean_rgb": {}}
+
+
 def _cases() -> dict[str, tuple[str, str, dict]]:
     cases = {f"{name} {target}": (name, target, {}) for name in sorted(METHODS) for target in TARGETS
              if not METHODS[name].generative  # its own noise and timesteps per process: no single-process twin
              if METHODS[name].supports(Task(target, 5))}
-    return {**cases, **VARIANTS}
+    slides = {f"{name} label": (name, "label", SLIDE_HPARAMS[name]) for name in sorted(METHODS)
+              if METHODS[name].table == "slides"}
+    return {**cases, **slides, **VARIANTS}
+
+
+def _slide_batch(directory: Path) -> dict:
+    """4 small pyramidal slides of blocky random colour with slide labels 0, 1, 0, 1."""
+    import numpy as np
+
+    from histoweak.data.synthetic import write_pyramid
+
+    paths = []
+    for i in range(4):
+        rng = np.random.default_rng(i)
+        img = np.kron((rng.random((24, 32, 3)) * 255).astype(np.uint8), np.ones((16, 16, 1), np.uint8))
+        paths.append(str(write_pyramid(directory / f"slide{i}.tiff", img, mpp=0.5, compression="zlib")))
+    return {"slide_id": [f"slide{i}" for i in range(4)], "path": paths, "label": torch.tensor([0, 1, 0, 1]),
+            "size_class": ["negative", "macro", "negative", "micro"]}
 
 
 # -- what both sides run: the driver for one process, each Ray Train worker for its half ---------------------------
@@ -116,14 +140,19 @@ def _worker_loop(config: dict) -> None:
     torch.save(out, Path(config["out"]) / f"rank{rank}.pt")
 
 
-def _specs() -> dict[str, dict]:
+def _specs(directory: Path) -> dict[str, dict]:
     specs = {}
+    slides = _slide_batch(directory)
     for case, (name, target, hparams) in _cases().items():
         hp = {**TINY, **hparams}
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             method = build_method(name, hp, Task(target, 5))
+        if METHODS[name].table == "slides":
+            specs[case] = {"name": name, "target": target, "hparams": hp, "state": method.state_dict(),
+                           "data_state": {}, "batch": slides}
+            continue
         batch = _with_streams(method, _batch(n=4, size=SIZE), seed=0, n=4, size=SIZE)
         # the second half's masks lose classes 1 and 2: the halves differ in class mix, as real batches do, so a
         # batch-wide normaliser left per worker shows (SegCls's weight sum: 1e-1 off, 1e-4 with uniform masks)
@@ -148,7 +177,7 @@ def test_two_workers_average_the_gradient_of_the_whole_batch_for_every_method(ra
     from ray import cloudpickle
     from ray.train.torch import TorchTrainer
 
-    specs = _specs()
+    specs = _specs(tmp_path)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/ by name
     out = tmp_path / "grads"
     out.mkdir()

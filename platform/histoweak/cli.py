@@ -295,10 +295,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not isinstance(values, dict):
         raise ValueError(f"{args.config}: must be a mapping of TrainConfig fields")
     values["method"] = args.method or values.get("method", "erm")
+    from histoweak.methods import METHODS
+
+    whole_slide = values["method"] in METHODS and METHODS[values["method"]].table == "slides"
+    if whole_slide:  # one label per slide, and the embedded slide table by default
+        values.setdefault("target", "label")
     if args.smoke_test:
-        values.update(epochs=1, steps_per_epoch=2, batch_size=8)
+        values.update(epochs=1, steps_per_epoch=2, batch_size=2 if whole_slide else 8)
     cfg = TrainConfig.from_dict(values)  # fails on a bad key before any work
-    table, n_classes = resolve_data(args.data, args.smoke_test, args.address)
+    data = args.data or ("synthetic:camelyon" if whole_slide else None)
+    table, n_classes = resolve_data(data, args.smoke_test, args.address)
     init_ray(args.address)
     request_cpus(args.cpus)
     try:
@@ -387,6 +393,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _report_fig5(args.experiment[-1] if args.experiment else "segcls", args.out)
     if args.usegmix:
         return _report_usegmix(args.experiment or ["usegmix"])
+    if args.magnet:
+        return _report_magnet(args.experiment or ["magnet"])
     parent, children = tracking.latest_sweep(args.experiment[-1] if args.experiment else None)
     metric = parent.data.params.get("metric", "val_bca")
     key = f"best_{metric}"
@@ -451,6 +459,37 @@ def _report_usegmix(experiments: list[str]) -> int:
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "table1_usegmix.txt"
+        path.write_text(table + "\n")
+        tracking.log_artifact(parent.info.run_id, path)
+    return 0
+
+
+def _report_magnet(experiments: list[str]) -> int:
+    """MagNets' Table 1 (AUROC per metastasis size class, pixels read against tiling) from the newest sweep of
+    each experiment (e.g. ``magnet`` and a baselines sweep), logged to the first one's MLflow run."""
+    import tempfile
+
+    from histoweak import tracking
+    from histoweak.report import format_magnet_table, magnet_cells
+
+    runs, parent = [], None
+    for exp in experiments:
+        try:
+            p, children = tracking.latest_sweep(exp)
+        except ValueError as exc:
+            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
+            continue
+        parent = parent or p
+        runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    cells = magnet_cells(runs)
+    if not cells:
+        raise ValueError(f"no finished whole-slide runs (magnet, mean_rgb, attention_mil) with test_auroc in "
+                         f"{experiments}")
+    table = format_magnet_table(cells, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)} "
+                                             "(test AUROC %, mean ± std over runs of a row)")
+    print(table)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "table1_magnet.txt"
         path.write_text(table + "\n")
         tracking.log_artifact(parent.info.run_id, path)
     return 0
@@ -642,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fig5", action="store_true",
                    help="Ciga & Martel's Fig. 5 and Table D.5 (segcls: F1/mIoU vs s per setting) from the newest "
                         "sweep of --experiment (default segcls), logged to its MLflow run")
+    p.add_argument("--magnet", action="store_true",
+                   help="MagNets' Table 1 (AUROC per metastasis size class, pixels read against tiling) from the "
+                        "newest sweep of each --experiment (default magnet)")
     p.add_argument("--usegmix", action="store_true",
                    help="USegMix's Table 1 (Acc, F1, Kappa, Avg↑ vs no synthesis per backbone, mean ± std over "
                         "seeds) from the newest sweep of each --experiment (default usegmix)")

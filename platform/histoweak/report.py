@@ -15,7 +15,8 @@ from histoweak import metrics as M
 from histoweak.methods.base import tissue_groups
 
 __all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
-           "write_csv", "USEGMIX_KEYS", "USEGMIX_METRICS", "format_usegmix_table", "usegmix_cells", "usegmix_gain"]
+           "write_csv", "USEGMIX_KEYS", "USEGMIX_METRICS", "format_usegmix_table", "usegmix_cells", "usegmix_gain",
+           "MAGNET_COLUMNS", "format_magnet_table", "magnet_cells", "magnet_row_label"]
 
 #: (row label, method, selection metric) in the paper's order
 TABLE1_ROWS = (("ERM", "erm", "val_bca"), ("ERM", "erm", "val_wga"), ("GERNE", "gerne", "val_wga"))
@@ -357,4 +358,70 @@ def format_usegmix_table(cells: dict[tuple[str, int | str], dict[str, list[float
     n = sorted({len(v) for c in cells.values() for v in c.values()})
     out.append(f"test metrics, mean ± std over seeds (runs per cell: {'/'.join(map(str, n)) or 0}); "
                "Avg↑: mean relative gain of the metrics over the model's No row (0.025 = +2.5 %)")
+    return "\n".join(out)
+
+
+#: MagNets' Table 1 columns: (test metric, column label, display scale, decimals)
+MAGNET_COLUMNS = (("test_auroc_macro", "Macro", 100, 0), ("test_auroc_micro", "Micro", 100, 0),
+                  ("test_auroc_itc", "ITC", 100, 0), ("test_auroc_macro_micro", "Macro & Micro", 100, 0),
+                  ("test_auroc", "All", 100, 0), ("test_pixels_read_per_slide", "Pixels read / slide", 1, 0),
+                  ("test_tiling_pixels_per_slide", "Tiling / slide", 1, 0), ("test_pixels_ratio", "Tiling ÷ read", 1, 1),
+                  ("test_seconds_per_slide", "s / slide", 1, 2))
+
+_MAGNET_NAMES = {"mean_rgb": "Mean RGB baseline", "attention_mil": "Attention-MIL, every tile"}
+
+
+def magnet_row_label(params: dict) -> str | None:
+    """The Table 1 row of a whole-slide run from its parameters (MLflow's, values as strings): the baselines by
+    name, a MagNet by its layers, patches per layer, sampler and learning rate; None for other methods."""
+    method = _param(params, "method")
+    if method in _MAGNET_NAMES:
+        return _MAGNET_NAMES[method]
+    if method != "magnet":
+        return None
+    layers = _param(params, "hparams.layers") or 3
+    patches = _param(params, "hparams.patches") or 2
+    sampler = _param(params, "hparams.sampler") or "lms"
+    lr = _param(params, "hparams.lr")
+    return f"{layers}-layer MagNet (P = {patches}, {sampler}" + (f", lr {float(lr):g})" if lr else ")")
+
+
+def magnet_cells(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Table 1 cells from finished runs (``{"params", "metrics"}``): ``{row label: {test metric: one value per
+    run}}``; every run of a row counts as one seed."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        label = magnet_row_label(r["params"])
+        if label is None or "test_auroc" not in r["metrics"]:
+            continue
+        cell = cells.setdefault(label, {})
+        for k, *_ in MAGNET_COLUMNS:
+            if k in r["metrics"]:
+                cell.setdefault(k, []).append(float(r["metrics"][k]))
+    return cells
+
+
+def format_magnet_table(cells: dict[str, dict[str, list[float]]], title: str = "") -> str:
+    """MagNets' Table 1 layout (AUROC % per size class, Macro & Micro, All) plus pixels read per slide, what
+    tiling the same slides' tissue at the finest level read would read, their ratio and seconds per slide;
+    mean ± sample std over seeds. Rows: the baselines, then MagNets by name."""
+    head = ["Model", *[label for _, label, *_ in MAGNET_COLUMNS]]
+    order = sorted(cells, key=lambda name: (name not in _MAGNET_NAMES.values(), name))
+    lines = []
+    for name in order:
+        c = cells[name]
+        row = [name]
+        for k, _, scale, digits in MAGNET_COLUMNS:
+            vals = [v for v in c.get(k, []) if v == v]
+            if not vals:
+                row.append("-")
+            elif scale == 1 and digits == 0:  # pixel counts
+                row.append(f"{np.mean(vals):.3g}")
+            else:
+                row.append(_mean_std(vals, scale, digits))
+        lines.append(row)
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+    out = [title] if title else []
+    out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in lines]
     return "\n".join(out)

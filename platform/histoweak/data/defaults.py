@@ -51,7 +51,10 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
 
 def _cache_root(cache: str | Path, preset: str, overrides: dict) -> Path:
     """The cache directory of ``preset`` with ``overrides``: its synthetic slides and the tables made from them."""
-    return Path(cache).resolve() / "-".join([preset, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+    def word(v) -> str:  # a tuple knob (splits) without spaces or brackets in the directory name
+        return "_".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+    return Path(cache).resolve() / "-".join([preset, *(f"{k}{word(v)}" for k, v in sorted(overrides.items()))])
 
 
 def default_slide_table(cache: str | Path = ".cache/data", preset: str = "camelyon", **overrides) -> Path:
