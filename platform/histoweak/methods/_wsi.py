@@ -53,8 +53,8 @@ class WholeSlideMethod(Method):
     # -- to implement -------------------------------------------------------------------------------
     def forward_slides(self, batch: dict, record: bool = False) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """(logits (B, n_outputs), one record per slide). A record holds at least ``finest_level`` (the finest
-        pyramid level read for it), and ``pixels`` / ``level0_pixels`` when the method does not read the slide in
-        this call (cached features); with ``record`` it may hold what the method's figures need."""
+        pyramid level read for it), and ``pixels`` / ``level0_pixels`` / ``seconds`` when the method does not read
+        the slide in this call (cached features: what their first reading took); with ``record`` it may hold what the method's figures need."""
         raise NotImplementedError
 
     # -- the contract -------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class WholeSlideMethod(Method):
                 pred["pixels"].append(rec.get("pixels", r.pixels_read - p0))
                 pred["level0_pixels"].append(rec.get("level0_pixels", r.level0_pixels_read - l0))
                 pred["tiling_pixels"].append(tiling_pixels(r, rec["finest_level"], TILING_TILE))
-                pred["seconds"].append(seconds)
+                pred["seconds"].append(rec.get("seconds", seconds))  # cached: the first reading's time
                 pred["slide_id"].append(sid)
                 pred["path"].append(path)
                 pred["size_class"].append(size or "unknown")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +35,17 @@ class _Cached:
     """Per-process cache of per-slide values (features), with the pixels their reads took."""
 
     def __init__(self):
-        self.values: dict[tuple, tuple[Any, int, float, int]] = {}
+        self.values: dict[tuple, dict[str, Any]] = {}
 
-    def get(self, key: tuple, compute) -> tuple[Any, int, float, int]:
+    def get(self, key: tuple, compute) -> dict[str, Any]:
+        """``{"value", "finest_level", "pixels", "level0_pixels", "seconds"}``: what computing the value read and
+        how long it took, the first time (a cached slide costs its first reading, not nothing)."""
         if key not in self.values:
             reader = cached_reader(key[0])
-            p0, l0 = reader.pixels_read, reader.level0_pixels_read
+            p0, l0, t0 = reader.pixels_read, reader.level0_pixels_read, time.perf_counter()
             value, level = compute(reader)
-            self.values[key] = (value, reader.pixels_read - p0, reader.level0_pixels_read - l0, level)
+            self.values[key] = {"value": value, "finest_level": level, "pixels": reader.pixels_read - p0,
+                                "level0_pixels": reader.level0_pixels_read - l0, "seconds": time.perf_counter() - t0}
         return self.values[key]
 
 
@@ -71,8 +75,8 @@ class MeanRGB(WholeSlideMethod):
     def forward_slides(self, batch: dict, record: bool = False):
         key = (self.hparams.thumbnail, self.hparams.grey_tolerance)
         got = [self._cache.get((p, *key), self._features) for p in batch["path"]]
-        x = torch.as_tensor(np.stack([g[0] for g in got]), dtype=torch.float32, device=self.device)
-        return self.head(x), [{"finest_level": g[3], "pixels": g[1], "level0_pixels": g[2]} for g in got]
+        x = torch.as_tensor(np.stack([g["value"] for g in got]), dtype=torch.float32, device=self.device)
+        return self.head(x), [{k: v for k, v in g.items() if k != "value"} for g in got]
 
 
 @register_method("attention_mil")
@@ -124,10 +128,10 @@ class AttentionMIL(WholeSlideMethod):
         key = (hp.backbone, hp.weights, hp.level, hp.tile, hp.min_tissue, hp.grey_tolerance)
         got = [self._cache.get((p, *key), self._features) for p in batch["path"]]
         logits, records = [], []
-        for feats, pixels, level0, level in got:
-            h = self.embed(feats.to(self.device))
+        for g in got:
+            h = self.embed(g["value"].to(self.device))
             a = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h)))  # gated attention (Ilse eq. 9)
             w = F.softmax(a, dim=0)
             logits.append(self.classifier((w * h).sum(0)))
-            records.append({"finest_level": level, "pixels": pixels, "level0_pixels": level0, "tiles": len(feats)})
+            records.append({**{k: v for k, v in g.items() if k != "value"}, "tiles": len(g["value"])})
         return torch.stack(logits), records

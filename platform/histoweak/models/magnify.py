@@ -312,14 +312,15 @@ class InceptionStack(nn.Module):
         for _ in range(3):
             self.layers.append(nn.ModuleList(nn.Conv2d(channels, width, k, padding="same") for k in kernels))
             channels = width * len(kernels)
-        self.head = nn.Conv2d(channels, 1, 1)
-        # Zero weights and bias: an untrained layer outputs a constant map, whose
+        # No bias: sparsemax is shift-invariant, so a bias would never change the mass and its gradient, exactly
+        # 0 in theory, would be float noise (which differs between one process and two workers).
+        self.head = nn.Conv2d(channels, 1, 1, bias=False)
+        # Zero weights: an untrained layer outputs a constant map, whose
         # sparsemax is the uniform mass, i.e. s ≈ 1, t = 0: it first looks at the
         # whole input rather than at a random spot. The head's own gradient is
         # non-zero (its input features are not), so training moves it off zero
         # at the first step, and the layers below follow.
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         for branches in self.layers:
