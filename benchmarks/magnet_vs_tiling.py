@@ -28,10 +28,11 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 STORAGE = ROOT / "benchmarks" / ".cache" / "magnet"
 
-#: (row label, method, hparams, train overrides): the models of the table, on CPU-sized budgets
+#: (row label, method, hparams, train overrides): the models of the table, on CPU-sized budgets (the labels are
+#: the report's, ``report.magnet_row_label``, so the baselines come first)
 MODELS = [
     ("Mean RGB baseline", "mean_rgb", {}, {"epochs": 30, "batch_size": 8}),
-    ("Attention-MIL, every tile (level 0)", "attention_mil",
+    ("Attention-MIL, every tile", "attention_mil",  # level 0
      {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "lr": 1e-3}, {"epochs": 20, "batch_size": 4}),
     ("3-layer MagNet (P = 2)", "magnet",
      {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "aux_backbone": "tf_efficientnet_lite0",
