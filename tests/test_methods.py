@@ -199,7 +199,7 @@ def test_erm_loss_is_cross_entropy_of_its_logits():
 
 
 def test_unknown_names_fail_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'nope'; valid: \['ddpm', 'erm'"):
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; valid: \['attention_mil', 'ddpm', 'erm'"):
         build_method("nope")
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['lrr'\]; valid: \[.*'lr'"):
         build_method("erm", {"lrr": 1})

@@ -29,7 +29,7 @@ def _write(tmp_path, **changes):
 
 @pytest.mark.parametrize("change,message", [
     ({"sheduler": {"type": "asha"}}, r"'sheduler': unknown key"),
-    ({"method": "nope"}, r"'method': unknown 'nope'; valid: \['ddpm', 'erm'"),
+    ({"method": "nope"}, r"'method': unknown 'nope'; valid: \['attention_mil', 'ddpm', 'erm'"),
     ({"before": {"count": 3}}, r"'before': method 'erm' has no step before the trials"),
     ({"params": {"hparams.lr": {"logunifrom": [1e-4, 1e-2]}}}, r"'params.hparams.lr': must be one of"),
     ({"params": {"hparams.lr": {"loguniform": [0, 1e-2]}}}, r"'params.hparams.lr.loguniform': bounds must be > 0"),

@@ -415,19 +415,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_table1(experiments: list[str]) -> int:
-    """GERNE's Table 1 from the newest sweep of each experiment (ERM and GERNE runs with a group threshold)."""
+def _finished_runs(experiments: list[str]) -> tuple[list[dict], object]:
+    """The finished trials (``{"params", "metrics"}``) of the newest sweep of each experiment (one that has none
+    is skipped with a line), and the first sweep's MLflow run (None when no experiment has a sweep)."""
     from histoweak import tracking
-    from histoweak.report import format_table1, table1_cells
 
-    runs = []
+    runs, parent = [], None
     for exp in experiments:
         try:
-            _, children = tracking.latest_sweep(exp)
+            p, children = tracking.latest_sweep(exp)
         except ValueError as exc:
             print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
             continue
+        parent = parent or p
         runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    return runs, parent
+
+
+def _print_and_log_table(table: str, parent, name: str) -> None:
+    """Print a paper-layout table and log it as ``name`` on the sweep's MLflow run."""
+    import tempfile
+
+    from histoweak import tracking
+
+    print(table)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_text(table + "\n")
+        tracking.log_artifact(parent.info.run_id, path)
+
+
+def _report_table1(experiments: list[str]) -> int:
+    """GERNE's Table 1 from the newest sweep of each experiment (ERM and GERNE runs with a group threshold)."""
+    from histoweak.report import format_table1, table1_cells
+
+    runs, _ = _finished_runs(experiments)
     cells, taus = table1_cells(runs)
     if not taus:
         raise ValueError(f"no finished ERM/GERNE runs with a group threshold in {experiments}")
@@ -438,60 +460,30 @@ def _report_table1(experiments: list[str]) -> int:
 def _report_usegmix(experiments: list[str]) -> int:
     """USegMix's Table 1 (Acc, F1, Kappa, Avg↑ vs no synthesis per backbone) from the newest sweep of each
     experiment (e.g. ``usegmix`` and a CutMix baseline sweep), logged to the first one's MLflow run."""
-    from histoweak import tracking
     from histoweak.report import format_usegmix_table, usegmix_cells
 
-    runs, parent = [], None
-    for exp in experiments:
-        try:
-            p, children = tracking.latest_sweep(exp)
-        except ValueError as exc:
-            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
-            continue
-        parent = parent or p
-        runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    runs, parent = _finished_runs(experiments)
     cells = usegmix_cells(runs)
     if not cells:
         raise ValueError(f"no finished runs with test_acc, test_f1_macro and test_kappa in {experiments}")
-    table = format_usegmix_table(cells, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)}")
-    print(table)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "table1_usegmix.txt"
-        path.write_text(table + "\n")
-        tracking.log_artifact(parent.info.run_id, path)
+    _print_and_log_table(format_usegmix_table(cells, title=f"Table 1 layout from the newest sweeps of "
+                                                           f"{', '.join(experiments)}"), parent, "table1_usegmix.txt")
     return 0
 
 
 def _report_magnet(experiments: list[str]) -> int:
     """MagNets' Table 1 (AUROC per metastasis size class, pixels read against tiling) from the newest sweep of
     each experiment (e.g. ``magnet`` and a baselines sweep), logged to the first one's MLflow run."""
-    import tempfile
-
-    from histoweak import tracking
     from histoweak.report import format_magnet_table, magnet_cells
 
-    runs, parent = [], None
-    for exp in experiments:
-        try:
-            p, children = tracking.latest_sweep(exp)
-        except ValueError as exc:
-            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
-            continue
-        parent = parent or p
-        runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+    runs, parent = _finished_runs(experiments)
     cells = magnet_cells(runs)
     if not cells:
         raise ValueError(f"no finished whole-slide runs (magnet, mean_rgb, attention_mil) with test_auroc in "
                          f"{experiments}")
-    table = format_magnet_table(cells, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)} "
-                                             "(test AUROC %, mean ± std over runs of a row)")
-    print(table)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "table1_magnet.txt"
-        path.write_text(table + "\n")
-        tracking.log_artifact(parent.info.run_id, path)
+    _print_and_log_table(format_magnet_table(cells, title=f"Table 1 layout from the newest sweeps of "
+                                                          f"{', '.join(experiments)} (test AUROC %, mean ± std over "
+                                                          "runs of a row)"), parent, "table1_magnet.txt")
     return 0
 
 
