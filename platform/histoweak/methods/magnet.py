@@ -128,6 +128,11 @@ class MagNet(WholeSlideMethod):
 
     # -- the network ----------------------------------------------------------------------------------
     def forward_slides(self, batch: dict, record: bool = False) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        logits, _, records = self._forward(batch, record)
+        return logits, records
+
+    def _forward(self, batch: dict, record: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[dict]]:
+        """(final logits, the auxiliary classifiers' logits (none without them), one record per slide)."""
         hp = self.hparams
         paths = list(batch["path"])
         n_slides = len(paths)
@@ -178,8 +183,8 @@ class MagNet(WholeSlideMethod):
         feats = self.backbone(inputs.flatten(0, 1)).view(n_slides, n, -1)
         seq, _ = self.gru(feats)
         step_logits = self.head(seq)  # (B, n, outputs): the prediction after each patch
-        self._aux_logits = [self._aux_predict(i, layer_images[min(k, hp.layers - 1)])
-                            for i, k in enumerate((0, 2))] if len(self.aux) else []
+        aux_logits = [self._aux_predict(i, layer_images[min(k, hp.layers - 1)])
+                      for i, k in enumerate((0, 2))] if len(self.aux) else []
         records = []
         for b in range(n_slides):
             rec: dict[str, Any] = {"finest_level": int(finest[b])}
@@ -189,7 +194,7 @@ class MagNet(WholeSlideMethod):
                 leaves = F.interpolate(inputs[b].detach(), size=96, mode="area")
                 rec["leaves"] = (leaves.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
             records.append(rec)
-        return step_logits[:, -1], records
+        return step_logits[:, -1], aux_logits, records
 
     def _aux_predict(self, i: int, images: torch.Tensor) -> torch.Tensor:
         """Auxiliary classifier ``i`` on one layer's images (B, n, 3, H, W): mean of per-image features."""
@@ -201,14 +206,14 @@ class MagNet(WholeSlideMethod):
         return self.aux[i]["fc"](feats)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, _ = self.forward_slides(batch)
+        logits, aux, _ = self._forward(batch)
         y = self.task.targets(batch)
         loss = F.cross_entropy(logits, y)
         logs = {"ce": float(loss.detach())}
-        if self._aux_logits:
+        if aux:
             hp = self.hparams
-            ce1 = F.cross_entropy(self._aux_logits[0], y, reduction="none")
-            ce3 = F.cross_entropy(self._aux_logits[1], y, reduction="none")
+            ce1 = F.cross_entropy(aux[0], y, reduction="none")
+            ce3 = F.cross_entropy(aux[1], y, reduction="none")
             para = F.relu(ce3 - ce1.detach()).mean()
             loss = loss + hp.aux_weight * (ce1.mean() + ce3.mean()) + hp.paradoxical_weight * para
             logs.update(aux1_ce=float(ce1.mean().detach()), aux3_ce=float(ce3.mean().detach()), paradoxical=float(para.detach()))
