@@ -165,8 +165,9 @@ def test_a_slide_that_fails_to_read_marks_its_tiles(synth_dir, tmp_path):
     good = str(synth_dir / "slides" / "tiny-3-000.tiff")
     batch = {"slide_id": np.array(["a", "a", "b"], object), "path": np.array([good, good, str(tmp_path / "gone.tiff")], object),
              "x": np.array([0, 256, 0]), "y": np.array([0, 0, 0]), "downsample": np.array([2.0, 2.0, 2.0]),
-             "col": np.array([0, 128, 0]), "row": np.array([0, 0, 0])}
-    out = _read_tiles(batch, level=1, tile_size=64)
+             "col": np.array([0, 128, 0]), "row": np.array([0, 0, 0]), "level": np.array([1, 1, 1]),
+             "level_downsample": np.array([2.0, 2.0, 2.0])}
+    out = _read_tiles(batch, tile_size=64)
     assert out["error"][:2].tolist() == ["", ""] and "gone.tiff: file does not exist" in out["error"][2]
     with SlideReader(good) as r:
         np.testing.assert_array_equal(out["image"][1], r.read_region((256, 0), 1, (64, 64)))

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histoweak.data.schema import ROW_GROUP_SIZE, SCHEMA, validate_table
+from histoweak.data.schema import ROW_GROUP_SIZE, SCHEMA, SCHEMA_VERSION, validate_table
 from histoweak.data.synthetic import write_pyramid
 from histoweak.data.tiling_job import discover_slides, load_classes, read_manifest, tile_dataset
 from histoweak.slides.tiling import (
@@ -132,7 +132,7 @@ def test_schema_row_groups_and_manifest(tile_table, synth_dir):
     for f in files:
         pf = pq.ParquetFile(f)
         assert pf.schema_arrow.equals(SCHEMA, check_metadata=False)
-        assert pf.schema_arrow.metadata[b"histoweak.schema_version"] == b"1"
+        assert pf.schema_arrow.metadata[b"histoweak.schema_version"] == str(SCHEMA_VERSION).encode()
         assert all(pf.metadata.row_group(i).num_rows <= ROW_GROUP_SIZE for i in range(pf.num_row_groups))
         validate_table(pf.read(), str(f))
     manifest = read_manifest(tile_table)

@@ -43,9 +43,8 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     for f in fields(TilingParams):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kind = {int: int, float: float}.get(type(default), str)
-        if f.name == "stride":
-            kind = int
+        annotation = str(f.type)  # "int", "float | None", "Mode", ...
+        kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
         help_ = docs.get(f.name, "") + (" (default: %(default)s)" if default is not None else "")
         p.add_argument(flag, dest=f.name, type=kind, default=default, choices=PARAM_CHOICES.get(f.name), help=help_)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -582,7 +581,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from histoweak.predict import EXPERIMENT, predict_slides
 
     report = predict_slides(args.checkpoint, args.slides, args.out, masks_dir=args.masks, tile_size=args.tile_size,
-                            stride=args.stride, level=args.level, batch_size=args.batch_size, address=args.address)
+                            stride=args.stride, level=args.level, mpp=args.mpp, magnification=args.magnification,
+                            assume_mpp=args.assume_mpp, batch_size=args.batch_size, address=args.address)
     for line in report.result_lines():
         print(line)
     print(f"MLflow: {tracking.tracking_uri()} (experiment {EXPERIMENT!r}, run {report.run_id})")
@@ -697,6 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step between tiles, at most the tile size (default: a quarter tile of overlap)")
     p.add_argument("--level", type=int, default=None,
                    help="pyramid level to predict at; the masks are at this level (default: the checkpoint's tiling, else 0)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="predict at this many microns per pixel instead, each slide read from its coarsest level at "
+                        "least this fine (default: the checkpoint's tiling)")
+    p.add_argument("--magnification", type=float, default=None, help="as --mpp, as an objective magnification (10 / mpp)")
+    p.add_argument("--assume-mpp", type=float, default=None,
+                   help="microns per level-0 pixel for slides whose file does not say")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per model call (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_predict)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from histoweak.slides.reader import SlideError, SlideReader
+from histoweak.slides.resolution import Resolution, read_scaled
 from histoweak.slides.tiling import SlideSpec, TilingParams
 
 __all__ = ["BEST_CHECKPOINT_TAG", "EXPERIMENT", "PredictReport", "SlideResult", "Stitcher", "blend_window",
@@ -107,16 +108,25 @@ def load_segmentation_model(checkpoint: str | Path):
 
 # -- the grid -------------------------------------------------------------------------------------------
 def tiling_params(config: dict, tile_size: int | None = None, stride: int | None = None,
-                  level: int | None = None) -> TilingParams:
+                  level: int | None = None, mpp: float | None = None, magnification: float | None = None,
+                  assume_mpp: float | None = None) -> TilingParams:
     """Prediction tiling: the checkpoint's ``config["tiling"]`` (else ``TilingParams``' defaults), then the overrides.
 
-    ``stride`` defaults to ``tile_size - tile_size // 4`` (a quarter of a tile of overlap), not the
-    training stride: overlap is what lets blending hide the tiles' borders.
+    A checkpoint trained on tiles at an mpp predicts at that mpp, each slide read from its own pyramid
+    (``slides.resolution``); ``level``, ``mpp`` or ``magnification`` replaces the saved resolution, and
+    ``tile_size`` a saved ``tile_um``. ``stride`` defaults to ``tile_size - tile_size // 4`` (a quarter of a
+    tile of overlap), not the training stride: overlap is what lets blending hide the tiles' borders.
     """
     saved = config.get("tiling") or {}
     names = {f.name for f in fields(TilingParams)}
     base = {k: v for k, v in saved.items() if k in names and k != "stride"}
-    base.update({k: v for k, v in dict(tile_size=tile_size, level=level).items() if v is not None})
+    if level is not None or mpp is not None or magnification is not None:
+        for k in ("level", "mpp", "magnification", "tile_um"):
+            base.pop(k, None)
+    if tile_size is not None:
+        base.pop("tile_um", None)
+    base.update({k: v for k, v in dict(tile_size=tile_size, level=level, mpp=mpp, magnification=magnification,
+                                       assume_mpp=assume_mpp).items() if v is not None})
     params = TilingParams(**base, stride=stride)  # validates (errors name the key)
     if stride is None:
         params = replace(params, stride=params.tile_size - params.tile_size // 4)
@@ -146,24 +156,24 @@ def covering_grid(width: int, height: int, tile_size: int, stride: int) -> np.nd
 
 
 def tissue_tiles(reader: SlideReader, params: TilingParams) -> tuple[np.ndarray, int]:
-    """Tiles of the covering grid at ``params.level`` that hold any tissue, and the grid's size.
+    """Tiles of the covering grid at the slide's resolution (``params.resolution``) that hold any tissue, and the
+    grid's size.
 
     Tissue is detected at about ``params.tissue_downsample`` with ``params.tissue_method`` (as in tiling).
 
     Returns
     -------
     positions : (n, 2) int64
-        Top-left corners in pixels of ``params.level``.
+        Top-left corners in output pixels (of ``params.level`` when predicting by level).
     candidates : int
         Tiles in the whole grid.
     """
     from histoweak.slides.tiling import box_fraction
     from histoweak.slides.tissue import tissue_mask
 
-    if params.level >= reader.level_count:
-        raise SlideError(reader.path, f"level {params.level} requested but the slide has {reader.level_count}")
-    lw, lh = reader.level_dimensions[params.level]
-    ds = float(reader.level_downsamples[params.level])
+    res = params.resolution(reader)
+    lw, lh = res.dimensions(reader)
+    ds = res.downsample
     grid = covering_grid(lw, lh, params.tile_size, params.step)
     boxes = np.concatenate([grid, grid + params.tile_size], axis=1).astype(float) * ds
     tlevel = reader.level_for_downsample(params.tissue_downsample)
@@ -233,10 +243,11 @@ class Stitcher:
 
 
 # -- Ray Data stages ------------------------------------------------------------------------------------
-def _read_tiles(batch: dict[str, np.ndarray], level: int, tile_size: int,
+def _read_tiles(batch: dict[str, np.ndarray], tile_size: int,
                 stain_reference: dict | None = None) -> dict[str, np.ndarray]:
-    """Ray Data stage: RGB tiles (N, T, T, 3) uint8 of a batch of positions, each slide opened once, Macenko-
-    normalised to ``stain_reference`` when the model was trained so (``TrainConfig.stain_norm``).
+    """Ray Data stage: RGB tiles (N, T, T, 3) uint8 of a batch of positions at their slide's resolution
+    (``slides.resolution.read_scaled``), each slide opened once, Macenko-normalised to ``stain_reference`` when
+    the model was trained so (``TrainConfig.stain_norm``).
 
     A slide that fails to open or read sets ``error`` (its message naming the file) on its rows.
     """
@@ -246,9 +257,11 @@ def _read_tiles(batch: dict[str, np.ndarray], level: int, tile_size: int,
     for path in dict.fromkeys(batch["path"].tolist()):
         rows = np.flatnonzero(batch["path"] == path)
         try:
+            i0 = rows[0]
+            res = Resolution(float(batch["downsample"][i0]), int(batch["level"][i0]), float(batch["level_downsample"][i0]))
             with SlideReader(path) as reader:
                 for i in rows:
-                    images[i] = reader.read_region((int(batch["x"][i]), int(batch["y"][i])), level, (tile_size, tile_size))
+                    images[i] = read_scaled(reader, (int(batch["x"][i]), int(batch["y"][i])), (tile_size, tile_size), res)
         except SlideError as exc:
             errors[rows] = str(exc)
     if stain_reference:
@@ -343,18 +356,26 @@ class PredictReport:
 @dataclass
 class _Plan:
     spec: SlideSpec
-    width: int  # of the predicted level
+    width: int  # at the predicted resolution
     height: int
-    downsample: float
-    mpp: float | None  # of level 0
-    positions: np.ndarray  # (n, 2) level pixels
+    resolution: Resolution
+    positions: np.ndarray  # (n, 2) output pixels
+
+    @property
+    def downsample(self) -> float:
+        return self.resolution.downsample
+
+    @property
+    def mpp(self) -> float | None:  # of level 0
+        return self.resolution.slide_mpp
 
 
 def _plan(spec: SlideSpec, params: TilingParams) -> _Plan:
     with SlideReader(spec.path) as reader:
         positions, _ = tissue_tiles(reader, params)
-        w, h = reader.level_dimensions[params.level]
-        return _Plan(spec, int(w), int(h), float(reader.level_downsamples[params.level]), reader.mpp, positions)
+        res = params.resolution(reader)
+        w, h = res.dimensions(reader)
+        return _Plan(spec, int(w), int(h), res, positions)
 
 
 def _resize_nearest(labels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -403,6 +424,7 @@ def _write_outputs(plan: _Plan, mask: np.ndarray, class_names: list[str], out: P
 
 def predict_slides(checkpoint: str | Path, slides: str | Path, out_dir: str | Path, masks_dir: str | Path | None = None,
                    tile_size: int | None = None, stride: int | None = None, level: int | None = None,
+                   mpp: float | None = None, magnification: float | None = None, assume_mpp: float | None = None,
                    batch_size: int = 16, address: str | None = None, progress: bool = True) -> PredictReport:
     """Segment whole slides with a segmentation checkpoint; write masks, overlays, GeoJSON and metrics.
 
@@ -417,7 +439,7 @@ def predict_slides(checkpoint: str | Path, slides: str | Path, out_dir: str | Pa
     slides : directory, glob or slides.csv (``histoweak.data.tiling_job.discover_slides``)
     out_dir : where ``<slide_id>_mask.tiff``, ``<slide_id>_overlay.png`` and ``<slide_id>.geojson`` go
     masks_dir : ground-truth masks named after the slides (a CSV's ``mask_path`` also counts): pixel metrics
-    tile_size, stride, level : override the checkpoint's tiling (``tiling_params``)
+    tile_size, stride, level, mpp, magnification, assume_mpp : override the checkpoint's tiling (``tiling_params``)
     batch_size : tiles per model call
     address : Ray cluster (default: ``RAY_ADDRESS``, else a local Ray); with GPUs, one model actor per GPU
 
@@ -433,7 +455,7 @@ def predict_slides(checkpoint: str | Path, slides: str | Path, out_dir: str | Pa
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     ckpt = resolve_checkpoint(checkpoint)
     model, config = load_segmentation_model(ckpt)
-    params = tiling_params(config, tile_size, stride, level)
+    params = tiling_params(config, tile_size, stride, level, mpp, magnification, assume_mpp)
     specs = discover_slides(slides, masks_dir)
     n_classes = model.task.n_classes
     if n_classes > 256:
@@ -449,6 +471,7 @@ def predict_slides(checkpoint: str | Path, slides: str | Path, out_dir: str | Pa
     run_id = tracking.parent_run(
         EXPERIMENT, f"{ckpt.parent.name}/{ckpt.name}",
         {"checkpoint": str(ckpt), "method": model.name, "tile_size": params.tile_size, "level": params.level,
+         "mpp": params.target_mpp, "assume_mpp": params.assume_mpp,
          "stride": params.step, "batch_size": batch_size, "slides": str(slides), "n_slides": len(specs)},
         {"checkpoint": str(ckpt), **({"checkpoint_run": str(checkpoint)} if from_run else {})}, uri)
     report = PredictReport(out, ckpt, model.name, params, run_id,
@@ -478,7 +501,8 @@ def _run(model, params: TilingParams, specs: list[SlideSpec], names: list[str], 
         res.status = "failed"
         res.error = str(exc) if isinstance(exc, SlideError) else f"{res.path}: {type(exc).__name__}: {exc}"
 
-    title = f"{model.name}, level {params.level}, {params.tile_size}px tiles"
+    where = f"{params.target_mpp:g} µm/px" if params.target_mpp else f"level {params.level}"
+    title = f"{model.name}, {where}, {params.tile_size}px tiles"
 
     def finish(plan: _Plan, stitcher: Stitcher | None) -> None:
         sid, res = plan.spec.slide_id, report.slides[plan.spec.slide_id]
@@ -507,7 +531,8 @@ def _run(model, params: TilingParams, specs: list[SlideSpec], names: list[str], 
         except Exception as exc:  # noqa: BLE001 — a corrupt or unreadable slide fails alone
             fail(spec.slide_id, exc)
     rows = [{"slide_id": sid, "path": p.spec.path, "col": int(c), "row": int(r), "x": int(round(c * p.downsample)),
-             "y": int(round(r * p.downsample)), "downsample": p.downsample}
+             "y": int(round(r * p.downsample)), "downsample": p.downsample, "level": p.resolution.level,
+             "level_downsample": p.resolution.level_downsample}
             for sid, p in plans.items() for c, r in p.positions]
     remaining = {sid: len(p.positions) for sid, p in plans.items()}
     for sid, n in remaining.items():
@@ -525,7 +550,7 @@ def _run(model, params: TilingParams, specs: list[SlideSpec], names: list[str], 
     model_box = [ray.put(model.cpu().eval())]
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
-    ds = ds.map_batches(_read_tiles, fn_kwargs={"level": params.level, "tile_size": params.tile_size,
+    ds = ds.map_batches(_read_tiles, fn_kwargs={"tile_size": params.tile_size,
                                                    "stain_reference": stain_reference},
                         batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False)
     ds = ds.map_batches(_Segmenter, fn_constructor_args=(model_box,), batch_size=batch_size, batch_format="numpy",

@@ -2,8 +2,10 @@
 
 Columns are extended, never renamed; a change bumps ``SCHEMA_VERSION``.
 Coordinates are level-0 pixels (OpenSlide's convention); ``size`` is the
-tile side in pixels of ``level``; ``downsample`` is level-0 pixels per tile
-pixel, so a tile covers ``size * downsample`` level-0 pixels.
+tile side in tile pixels; ``downsample`` is level-0 pixels per tile pixel, so
+a tile covers ``size * downsample`` level-0 pixels. ``level`` is the pyramid
+level read and ``scale`` the tile pixels per pixel of it (1 when tiled by
+level; below 1 when a level was shrunk to a requested mpp).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 
 __all__ = ["tile_keys", "ROW_GROUP_SIZE", "SCHEMA", "SCHEMA_VERSION", "empty_table", "validate_table", "write_table_atomic"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `scale` (tiles at a physical resolution)
 ROW_GROUP_SIZE = 128  # small row groups: cheap random access and fine-grained streaming
 
 SCHEMA = pa.schema(
@@ -37,7 +39,8 @@ SCHEMA = pa.schema(
         pa.field("tissue_ratio", pa.float32(), nullable=False),
         pa.field("class_ratios", pa.list_(pa.float32())),  # fraction of pixels per class
         pa.field("group", pa.int32()),  # set by the method that defines groups
-        pa.field("mpp", pa.float64()),  # µm per tile pixel, when the slide says
+        pa.field("mpp", pa.float64()),  # µm per tile pixel (achieved), when the slide says or one is assumed
+        pa.field("scale", pa.float64()),  # tile pixels per pixel of `level` (1: read as is; < 1: shrunk to an mpp)
     ],
     metadata={b"histoweak.schema_version": str(SCHEMA_VERSION).encode()},
 )

@@ -147,8 +147,13 @@ def _shard_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
+#: parameters added after tables were first written: left out of the key while unset, so those tables resume
+_LATER_PARAMS = ("mpp", "magnification", "tile_um", "assume_mpp")
+
+
 def _params_key(params: TilingParams, classes: list[str], source: str) -> str:
-    blob = json.dumps({"params": params.to_dict(), "classes": classes, "source": source}, sort_keys=True)
+    p = {k: v for k, v in params.to_dict().items() if not (k in _LATER_PARAMS and v is None)}
+    blob = json.dumps({"params": p, "classes": classes, "source": source}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -287,8 +292,10 @@ def tile_dataset(slides: list[SlideSpec], out_dir: str | Path, params: TilingPar
                     plan = value
                     plans[sid] = plan
                     groups = plan.shards(params.tiles_per_shard)
+                    res = plan.resolution
                     e.update(shards=len(groups), candidates=plan.candidates, dimensions=list(plan.dimensions),
-                             mpp=plan.mpp)
+                             mpp=plan.mpp, mpp_assumed=res.mpp_assumed, level_read=res.level, scale=res.scale,
+                             tile_mpp=res.mpp)
                     shards_left[sid] = 0
                     plan_ref = ray.put(plan)  # shipped once, shared by the slide's shard tasks
                     done = _finished_shards(_storage.join(out, sid))  # finished in an earlier run

@@ -20,12 +20,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from histoweak.slides.reader import SlideReader
+from histoweak.slides.resolution import resize_area, resolve
 from histoweak.slides.tissue import grey_filter_tissue
 
-__all__ = ["Read", "grey_filter", "level_at_most", "read_box", "tile_grid", "tiling_pixels", "view_to_canvas",
+__all__ = ["Read", "grey_filter", "read_box", "tile_grid", "tiling_pixels", "view_to_canvas",
            "view_pixels"]
 
 IDENTITY = (0, False)
@@ -39,16 +39,6 @@ class Read:
     downsample: float
     pixels: int  # at the level read (only the part of the box inside the slide)
     level0_pixels: float  # the same area in level-0 pixels
-
-
-def level_at_most(reader: SlideReader, downsample: float) -> int:
-    """The coarsest level whose downsample is at most ``downsample`` (level 0 when none is): the level that still
-    holds at least the requested resolution."""
-    best = 0
-    for level, ds in enumerate(reader.level_downsamples):
-        if ds <= downsample * 1.001:
-            best = level
-    return best
 
 
 def view_to_canvas(cx: float, cy: float, dihedral: tuple[int, bool] = IDENTITY) -> tuple[float, float]:
@@ -74,8 +64,8 @@ def read_box(reader: SlideReader, box: tuple[float, float, float], out_size: int
     """The pixels of a square box of the slide's (view of its) canvas, resized to ``out_size`` × ``out_size``.
 
     Reads from the coarsest pyramid level that still has at least ``out_size`` pixels across the box
-    (``level_at_most``), only the part of the box inside the slide, and resizes with PIL's antialiased bilinear
-    filter (area-like when shrinking).
+    (``resolution.resolve``, as tiling and prediction do), only the part of the box inside the slide, and
+    shrinks with ``resolution.resize_area``.
 
     Parameters
     ----------
@@ -97,8 +87,8 @@ def read_box(reader: SlideReader, box: tuple[float, float, float], out_size: int
     ox, oy = (w - side0) / 2.0, (h - side0) / 2.0  # canvas origin in level-0 px (<= 0 on the padded axis)
     left, top = ox + (cx - half + 1) / 2 * side0, oy + (cy - half + 1) / 2 * side0
     extent = half * side0  # box side in level-0 px
-    level = level_at_most(reader, extent / out_size)
-    ds = float(reader.level_downsamples[level])
+    res = resolve(reader, downsample=extent / out_size)
+    level, ds = res.level, res.level_downsample
     side = max(1, int(round(extent / ds)))  # box side in pixels of the level read
     canvas = np.full((side, side, 3), 255, np.uint8)
     # the part of the box inside the slide, in level-0 px, snapped to the level's pixel grid
@@ -113,8 +103,7 @@ def read_box(reader: SlideReader, box: tuple[float, float, float], out_size: int
             region = reader.read_region(loc, level, (c1 - c0, r1 - r0))
             canvas[r0:r1, c0:c1] = region
             pixels = (c1 - c0) * (r1 - r0)
-    if side != out_size:
-        canvas = np.asarray(Image.fromarray(canvas).resize((out_size, out_size), Image.Resampling.BILINEAR))
+    canvas = resize_area(canvas, (out_size, out_size))
     return view_pixels(canvas, dihedral), Read(level, ds, pixels, pixels * ds * ds)
 
 

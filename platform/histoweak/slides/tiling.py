@@ -20,6 +20,7 @@ from scipy import ndimage as ndi
 
 from histoweak.data.schema import SCHEMA, write_table_atomic
 from histoweak.slides.reader import MaskReader, SlideError, SlideReader
+from histoweak.slides.resolution import Resolution, mpp_for_magnification, read_scaled, resolve
 from histoweak.slides.tissue import DETECTORS, tissue_mask
 
 __all__ = [
@@ -57,9 +58,15 @@ class TilingParams:
 
     Attributes
     ----------
-    level : pyramid level to tile at (0 = full resolution).
-    tile_size : tile side in pixels of ``level``.
-    stride : step between tiles in pixels of ``level``; None: ``tile_size`` (no overlap).
+    level : pyramid level to tile at (0 = full resolution), when no physical resolution is asked for.
+    mpp : microns per tile pixel: each slide is read from its coarsest level at least this fine and shrunk to
+        it (``slides.resolution``), so slides from scanners with different pyramids give tiles of one scale.
+    magnification : objective magnification instead of ``mpp`` (mpp = 10 / magnification: 20 is 0.5 µm/px).
+    tile_size : tile side in output pixels (pixels of ``level``, or at ``mpp``).
+    tile_um : tile side in microns instead of ``tile_size`` (needs ``mpp`` or ``magnification``).
+    assume_mpp : microns per level-0 pixel for slides whose file does not say (recorded in the manifest);
+        without it such a slide fails when a physical resolution is asked for.
+    stride : step between tiles in output pixels; None: ``tile_size`` (no overlap).
     min_tissue : smallest tissue fraction a tile may hold.
     mode : ``grid`` (sliding window) or ``centered`` (Ciga & Martel B.2: around
         labelled connected components, large ones split by k-means).
@@ -76,7 +83,11 @@ class TilingParams:
     """
 
     level: int = 0
+    mpp: float | None = None
+    magnification: float | None = None
     tile_size: int = 224
+    tile_um: float | None = None
+    assume_mpp: float | None = None
     stride: int | None = None
     min_tissue: float = 0.5
     mode: Mode = "grid"
@@ -96,6 +107,18 @@ class TilingParams:
 
         if self.level < 0:
             bad("level", f"must be >= 0, got {self.level}")
+        for key in ("mpp", "magnification", "tile_um", "assume_mpp"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                bad(key, f"must be > 0, got {getattr(self, key)}")
+        if self.mpp is not None and self.magnification is not None:
+            bad("magnification", "give mpp or magnification, not both")
+        if self.target_mpp is not None and self.level != 0:
+            bad("level", f"{self.level} with a physical resolution (mpp/magnification): the level read is chosen "
+                         "per slide")
+        if self.tile_um is not None:
+            if self.target_mpp is None:
+                bad("tile_um", "needs mpp or magnification (microns become pixels at that resolution)")
+            object.__setattr__(self, "tile_size", int(round(self.tile_um / self.target_mpp)))
         if self.tile_size < 8:
             bad("tile_size", f"must be >= 8, got {self.tile_size}")
         if self.stride is not None and self.stride < 1:
@@ -118,6 +141,17 @@ class TilingParams:
     def step(self) -> int:
         return self.stride or self.tile_size
 
+    @property
+    def target_mpp(self) -> float | None:
+        """The physical resolution asked for (µm per tile pixel), None when tiling by level."""
+        return self.mpp if self.magnification is None else mpp_for_magnification(self.magnification)
+
+    def resolution(self, reader: SlideReader) -> Resolution:
+        """Where this slide is read (``slides.resolution.resolve``): by mpp when one is asked for, else the level."""
+        if self.target_mpp is not None:
+            return resolve(reader, mpp=self.target_mpp, assume_mpp=self.assume_mpp)
+        return resolve(reader, level=self.level, assume_mpp=self.assume_mpp)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -139,16 +173,26 @@ class SlideSpec:
 
 @dataclass
 class SlidePlan:
-    """What ``plan_slide`` found: tile positions (pixels of ``level``) and their tissue fractions."""
+    """What ``plan_slide`` found: where the slide is read, tile positions (output pixels) and their tissue
+    fractions."""
 
     slide_id: str
     dimensions: tuple[int, int]
-    downsample: float
-    mpp: float | None
-    positions: np.ndarray  # (n, 2) int64, top-left (x, y) in pixels of `level`
+    resolution: Resolution
+    positions: np.ndarray  # (n, 2) int64, top-left (x, y) in output pixels (of `level` when tiling by level)
     tissue: np.ndarray  # (n,) float32, tissue fraction used for selection
     candidates: int  # positions considered before the tissue filter
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def downsample(self) -> float:
+        """Level-0 pixels per tile pixel."""
+        return self.resolution.downsample
+
+    @property
+    def mpp(self) -> float | None:
+        """µm per level-0 pixel (the file's, or the assumed one)."""
+        return self.resolution.slide_mpp
 
     def shards(self, tiles_per_shard: int) -> list[np.ndarray]:
         """Indices into ``positions`` for each shard, in reading order."""
@@ -356,11 +400,10 @@ def plan_slide(spec: SlideSpec, params: TilingParams) -> SlidePlan:
         not exist, or a slide with no tile reaching ``min_tissue``.
     """
     with SlideReader(spec.path) as reader:
-        if params.level >= reader.level_count:
-            raise SlideError(spec.path, f"level {params.level} requested but the slide has {reader.level_count}")
+        res = params.resolution(reader)
         mask_reader = _open_mask(spec, reader)
-        ds = float(reader.level_downsamples[params.level])
-        lw, lh = reader.level_dimensions[params.level]
+        ds = res.downsample
+        lw, lh = res.dimensions(reader)
         size = params.tile_size
         use_mask = mask_reader is not None and params.tissue_source in ("auto", "mask")
         if params.tissue_source == "mask" and mask_reader is None:
@@ -391,7 +434,8 @@ def plan_slide(spec: SlideSpec, params: TilingParams) -> SlidePlan:
 
         keep = tissue >= params.min_tissue if candidates else np.zeros(0, bool)
         if candidates == 0:
-            raise SlideError(spec.path, f"no tile position: level {params.level} is {lw}x{lh}, smaller than a {size}px tile"
+            raise SlideError(spec.path, f"no tile position: the slide is {lw}x{lh} at level {res.level}"
+                             f"{'' if res.native else f' scaled by {res.scale:.4g}'}, smaller than a {size}px tile"
                              if params.mode == "grid" else "no labelled region in the mask")
         if not keep.any():
             raise SlideError(spec.path, f"no tissue: none of {candidates} tiles reaches min_tissue={params.min_tissue}"
@@ -399,21 +443,26 @@ def plan_slide(spec: SlideSpec, params: TilingParams) -> SlidePlan:
         return SlidePlan(
             slide_id=spec.slide_id,
             dimensions=reader.dimensions,
-            downsample=ds,
-            mpp=reader.mpp,
+            resolution=res,
             positions=positions[keep],
             tissue=tissue[keep],
             candidates=candidates,
         )
 
 
-def _iter_tiles(reader: SlideReader, level: int, ds: float, positions: np.ndarray, size: int,
+def _iter_tiles(reader: SlideReader, res: Resolution, positions: np.ndarray, size: int,
                 max_band: int = 16) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (index, (size, size, 3) uint8) for each position, reading runs of a row as one band.
+    """Yield (index, (size, size, 3) uint8) for each position (output pixels), reading runs of a row as one band.
 
-    Bands are used only where they give the same pixels as a per-tile
-    ``read_region`` (level 0 or an integer downsample).
+    Bands are used only where they give the same pixels as a per-tile read: a level read as is, at an
+    integer downsample. A resolution between levels reads each tile by ``read_scaled``.
     """
+    ds, level = res.downsample, res.level
+    if not res.native:
+        for k in np.lexsort((positions[:, 0], positions[:, 1])):
+            x, y = positions[k]
+            yield int(k), read_scaled(reader, (round(x * ds), round(y * ds)), (size, size), res)
+        return
     integer_ds = abs(ds - round(ds)) < 1e-9
     order = np.lexsort((positions[:, 0], positions[:, 1]))
     i = 0
@@ -451,8 +500,8 @@ def tile_shard(spec: SlideSpec, params: TilingParams, plan: SlidePlan, index: np
         mask_reader = _open_mask(spec, reader)
         mask, mds = mask_reader.read(ds) if mask_reader else (None, None)
         use_mask = mask is not None and params.tissue_source in ("auto", "mask")
-        tile_mpp = plan.mpp * ds if plan.mpp else None
-        for k, rgb in _iter_tiles(reader, params.level, ds, positions, size):
+        res = plan.resolution
+        for k, rgb in _iter_tiles(reader, res, positions, size):
             x, y = positions[k]
             x0, y0 = round(x * ds), round(y * ds)
             if mask is not None:
@@ -475,8 +524,9 @@ def tile_shard(spec: SlideSpec, params: TilingParams, plan: SlidePlan, index: np
             rows["tissue_ratio"].append(tissue)
     n = len(rows["x"])
     rows.update(
-        slide_id=[spec.slide_id] * n, source=[source] * n, split=[spec.split] * n, level=[params.level] * n,
-        downsample=[ds] * n, size=[size] * n, label=[spec.label] * n, group=[None] * n, mpp=[tile_mpp] * n,
+        slide_id=[spec.slide_id] * n, source=[source] * n, split=[spec.split] * n, level=[res.level] * n,
+        downsample=[ds] * n, size=[size] * n, label=[spec.label] * n, group=[None] * n, mpp=[res.mpp] * n,
+        scale=[res.scale] * n,
     )
     table = pa.table({name: pa.array(rows[name], type=SCHEMA.field(name).type) for name in SCHEMA.names}, schema=SCHEMA)
     write_table_atomic(table, out_path)

@@ -380,7 +380,7 @@ def _patch_row(source: PatchDataset, patch: _Patch) -> dict:
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
-    table = pa.table({f.name: pa.array([r[f.name] for r in rows], type=f.type) for f in SCHEMA}, schema=SCHEMA)
+    table = pa.table({f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in SCHEMA}, schema=SCHEMA)
     validate_table(table, str(path))
     write_table_atomic(table, path)
 
