@@ -46,6 +46,9 @@ MANIFEST = "_manifest.json"
 class TilingReport:
     out_dir: Path | str  # a local Path or a remote URI
     slides: dict[str, dict] = field(default_factory=dict)
+    #: this run's wall time and its shard tasks' summed seconds per step (tasks_open, tasks_read, tasks_label,
+    #: tasks_encode, tasks_write), as in the manifest
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -193,9 +196,11 @@ def _plan_task(spec: SlideSpec, params: TilingParams):
 
 
 def _shard_task(spec, params, plan, index, out_path, n_classes, source):
+    seconds: dict[str, float] = {}
     try:
         with _storage.staged_output(out_path) as local:  # remote: written here, uploaded whole when done
-            return "ok", tile_shard(spec, params, plan, index, local, n_classes, source)
+            n = tile_shard(spec, params, plan, index, local, n_classes, source, seconds)
+        return "ok", (n, seconds)
     except Exception as exc:  # noqa: BLE001
         msg = _describe(exc)
         return "failed", msg if msg.startswith(spec.path) else f"{spec.path}: {msg}"
@@ -253,6 +258,8 @@ def tile_dataset(slides: list[SlideSpec], out_dir: str | Path, params: TilingPar
     shards_left: dict[str, int] = {}
     failed: set[str] = set()
     bar = tqdm(total=len(slides), unit="slide", desc="tiling", disable=not progress, dynamic_ncols=True)
+    task_seconds: dict[str, float] = {}  # summed over this run's shard tasks: open, read, label, encode, write
+    start = time.perf_counter()
 
     def finish_slide(sid: str) -> None:
         e = entry[sid]
@@ -311,7 +318,10 @@ def tile_dataset(slides: list[SlideSpec], out_dir: str | Path, params: TilingPar
                         finish_slide(sid)
             else:
                 if status == "ok":
-                    e["n_tiles"] += value
+                    n, seconds = value
+                    e["n_tiles"] += n
+                    for k, v in seconds.items():
+                        task_seconds[k] = task_seconds.get(k, 0.0) + v
                 shards_left[sid] -= 1
                 if shards_left[sid] == 0:
                     plans.pop(sid, None)
@@ -321,6 +331,8 @@ def tile_dataset(slides: list[SlideSpec], out_dir: str | Path, params: TilingPar
         bar.close()
         manifest["slides"] = entry
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        manifest["seconds"] = {"wall": round(time.perf_counter() - start, 3),
+                               **{f"tasks_{k}": round(v, 3) for k, v in task_seconds.items()}}
         manifest["counts"] = {
             "slides": len(entry),
             "ok": sum(e["status"] == "ok" for e in entry.values()),
@@ -333,4 +345,5 @@ def tile_dataset(slides: list[SlideSpec], out_dir: str | Path, params: TilingPar
                 manifest["slides"].setdefault(sid, e)
         _write_manifest(out, manifest)
     report.slides = entry
+    report.seconds = manifest["seconds"]
     return report

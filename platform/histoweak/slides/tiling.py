@@ -486,12 +486,14 @@ def _iter_tiles(reader: SlideReader, res: Resolution, positions: np.ndarray, siz
 
 
 def tile_shard(spec: SlideSpec, params: TilingParams, plan: SlidePlan, index: np.ndarray, out_path: str | Path,
-               n_classes: int, source: str) -> int:
+               n_classes: int, source: str, seconds: dict[str, float] | None = None) -> int:
     """Read, label, encode and write one shard of a slide's tiles as one Parquet file (atomically).
 
     Tiles whose exact tissue fraction (from the mask) falls below
-    ``min_tissue`` are dropped here. Returns the number of rows written.
+    ``min_tissue`` are dropped here. Returns the number of rows written; ``seconds`` (if given) gets the time
+    spent opening (slide and mask), reading, labelling, encoding and writing added to its keys.
     """
+    clock = _Clock(seconds)
     ds = plan.downsample
     size = params.tile_size
     positions = plan.positions[index]
@@ -501,7 +503,9 @@ def tile_shard(spec: SlideSpec, params: TilingParams, plan: SlidePlan, index: np
         mask, mds = mask_reader.read(ds) if mask_reader else (None, None)
         use_mask = mask is not None and params.tissue_source in ("auto", "mask")
         res = plan.resolution
+        clock.lap("open")
         for k, rgb in _iter_tiles(reader, res, positions, size):
+            clock.lap("read")
             x, y = positions[k]
             x0, y0 = round(x * ds), round(y * ds)
             if mask is not None:
@@ -518,10 +522,12 @@ def tile_shard(spec: SlideSpec, params: TilingParams, plan: SlidePlan, index: np
                 rows["labels"].append(None)
                 rows["class_ratios"].append(None)
                 tissue = float(plan.tissue[index[k]])
+            clock.lap("label")
             rows["image"].append(encode_image(rgb, params.image_format, params.png_level, params.jpeg_quality))
             rows["x"].append(x0)
             rows["y"].append(y0)
             rows["tissue_ratio"].append(tissue)
+            clock.lap("encode")
     n = len(rows["x"])
     rows.update(
         slide_id=[spec.slide_id] * n, source=[source] * n, split=[spec.split] * n, level=[res.level] * n,
@@ -530,4 +536,21 @@ def tile_shard(spec: SlideSpec, params: TilingParams, plan: SlidePlan, index: np
     )
     table = pa.table({name: pa.array(rows[name], type=SCHEMA.field(name).type) for name in SCHEMA.names}, schema=SCHEMA)
     write_table_atomic(table, out_path)
+    clock.lap("write")
     return n
+
+
+class _Clock:
+    """Adds the time since the last ``lap`` to ``seconds[key]`` (nothing when ``seconds`` is None)."""
+
+    def __init__(self, seconds: dict[str, float] | None):
+        import time
+
+        self.seconds, self.now = seconds, time.perf_counter
+        self.last = self.now()
+
+    def lap(self, key: str) -> None:
+        if self.seconds is not None:
+            t = self.now()
+            self.seconds[key] = self.seconds.get(key, 0.0) + t - self.last
+            self.last = t
