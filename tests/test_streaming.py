@@ -303,3 +303,202 @@ def test_two_train_style_consumers_do_not_starve(tile_table, ray_local):
     assert sum(n for n, _ in results) >= n_rows - 1
     for w in workers:
         ray.kill(w)
+
+
+# -- BalancedSampler over the Parquet files (ParquetRows) ----------------------------------------
+
+SAMPLED_COLUMNS = ["image", "mask", "labels", "tissue_ratio", "class_ratios", "slide_id", "x", "y"]
+
+
+def _tissue_groups(meta):
+    from histoweak.methods.base import Task
+
+    return Task("class:1", 5).groups(meta, tau=0.9)
+
+
+def _rows_by_key(paths, split="train"):
+    """Every ``split`` row of the Parquet files under ``paths``, read with pyarrow alone: key -> (row, (file, rg))."""
+    from pathlib import Path
+
+    files = sorted(f for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*.parquet")))
+    out = {}
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.metadata.num_row_groups):
+            for row in pf.read_row_group(rg).to_pylist():
+                if row["split"] == split:
+                    out[(row["slide_id"], row["x"], row["y"])] = (row, (str(f), rg))
+    return out
+
+
+def _expected_groups(rows: dict) -> dict:
+    """group -> keys, from the rows' own labels and tissue ratios."""
+    keys = list(rows)
+    meta = {"labels": np.asarray([rows[k][0]["labels"] for k in keys], np.float32),
+            "tissue_ratio": np.asarray([rows[k][0]["tissue_ratio"] for k in keys], np.float32)}
+    g = _tissue_groups(meta)
+    return {int(v): {k for k, gk in zip(keys, g) if gk == v} for v in np.unique(g) if v >= 0}
+
+
+def _keys(b) -> list:
+    return list(zip(b["slide_id"], b["x"].tolist(), b["y"].tolist()))
+
+
+def _draws_per_group(batches) -> dict:
+    """group -> keys in draw order (a batch holds each group's draws contiguously, in order)."""
+    out = collections.defaultdict(list)
+    for b in batches:
+        for k, g in zip(_keys(b), b["group"].tolist()):
+            out[g].append(k)
+    return out
+
+
+def _copy_split(tile_table, out, row_group_size: int, split="train", **change):
+    """The ``split`` rows of the tile table rewritten as one Parquet file with small row groups (``change``: column ->
+    new values)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = pq.read_table(tile_table)
+    t = t.filter(pc.equal(t.column("split"), split))
+    for name, values in change.items():
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, t.schema.field(name).type))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t, out, row_group_size=row_group_size)
+    return t
+
+
+def test_parquet_sampler_exact_shares_and_each_row_once_per_pass(tile_table):
+    """From the files: exact equal shares, each row in its own group, every row of a group once per pass."""
+    import pickle
+
+    from histoweak.data.streaming import BalancedSampler, ParquetRows
+
+    rows = _rows_by_key([tile_table])
+    expected = _expected_groups(rows)
+    source = ParquetRows(str(tile_table), "train", ["image", "labels", "tissue_ratio", "slide_id", "x", "y"])
+    assert len(pickle.dumps(source)) < 4096  # what goes to a worker: the file list, not rows
+    sampler = BalancedSampler(pickle.loads(pickle.dumps(source)), _tissue_groups, seed=0)
+    assert sampler.counts == {g: len(k) for g, k in expected.items()}
+    k = len(expected)
+    n_batches = -(-2 * max(sampler.counts.values()) // 4)  # two passes of the largest group
+    batches = []
+    for b in sampler.batches(batch_size=4 * k, n_batches=n_batches):
+        assert b["image"].shape == (4 * k, 3, 128, 128) and b["image"].dtype == torch.float32
+        assert collections.Counter(b["group"].tolist()) == {g: 4 for g in expected}
+        meta = {"labels": b["labels"].numpy(), "tissue_ratio": b["tissue_ratio"].numpy()}
+        assert (_tissue_groups(meta) == b["group"].numpy()).all()
+        batches.append(b)
+    for g, drawn in _draws_per_group(batches).items():
+        n = len(expected[g])
+        assert len(drawn) == 4 * n_batches
+        for p in range(len(drawn) // n):  # every full pass: each row of the group exactly once
+            assert sorted(drawn[p * n:(p + 1) * n]) == sorted(expected[g])
+
+
+def test_parquet_sampler_reads_a_pass_row_group_by_row_group(tile_table, tmp_path):
+    """window=1: a pass takes a group's rows one row group at a time, each row group once; with room in the cache,
+    each row group is read once in all."""
+    import itertools
+
+    from histoweak.data.streaming import BalancedSampler
+
+    path = tmp_path / "small_rg" / "part.parquet"
+    _copy_split(tile_table, path, row_group_size=4)
+    rows = _rows_by_key([path])
+    expected = _expected_groups(rows)
+    cols = ["image", "labels", "tissue_ratio", "slide_id", "x", "y"]
+    sampler = BalancedSampler.from_parquet(str(path), "train", cols, _tissue_groups, seed=1, window=1)
+    n_batches = -(-3 * max(sampler.counts.values()) // 2)
+    drawn = _draws_per_group(sampler.batches(batch_size=2 * len(expected), n_batches=n_batches))
+    for g, seq in drawn.items():
+        n = len(expected[g])
+        for p in range(len(seq) // n):
+            units = [rows[key][1] for key in seq[p * n:(p + 1) * n]]
+            runs = [u for u, _ in itertools.groupby(units)]
+            assert len(runs) == len(set(runs)) == len(set(units)), (g, runs)  # each row group one run
+    touched = {u for seq in drawn.values() for key in seq for u in [rows[key][1]]}
+    assert len(touched) > 4 and sampler.source.reads == len(touched)
+
+
+def test_parquet_sampler_cache_stays_within_its_bytes(tile_table):
+    """A cache bounded below two row groups: it never holds more, row groups are read again, batches stay exact."""
+    from histoweak.data.streaming import BalancedSampler, ParquetRows
+
+    cols = ["image", "labels", "tissue_ratio", "slide_id", "x", "y"]
+    rows = _rows_by_key([tile_table])
+    expected = _expected_groups(rows)
+    files = {u[0] for _, u in rows.values()}
+    rg_bytes = [pq.ParquetFile(f).read_row_group(0, columns=cols).get_total_buffer_size() for f in files]
+    for bound in (int(1.5 * max(rg_bytes)), 1):
+        source = ParquetRows(str(tile_table), "train", cols, cache_bytes=bound)
+        sampler = BalancedSampler(source, _tissue_groups, seed=0)
+        for b in sampler.batches(batch_size=2 * len(expected), n_batches=12):
+            assert collections.Counter(b["group"].tolist()) == {g: 2 for g in expected}
+            assert all(key in expected[g] for key, g in zip(_keys(b), b["group"].tolist()))
+            assert source.cache_nbytes <= bound
+        assert source.peak_cache_nbytes <= bound
+        assert source.reads > len(files)  # read again: the cache could not keep them
+        assert (source.peak_cache_nbytes > 0) == (bound > 1)
+
+
+def test_parquet_sampler_rows_are_the_tables_rows(tile_table):
+    """Every sampled row (no augmentation) is its row in the table, read with pyarrow: images and masks decoded
+    bit for bit, labels, ratios and group."""
+    import io
+
+    from histoweak.data.streaming import BalancedSampler
+
+    rows = _rows_by_key([tile_table])
+    sampler = BalancedSampler.from_parquet(str(tile_table), "train", SAMPLED_COLUMNS, _tissue_groups, seed=3)
+    seen = set()
+    for b in sampler.batches(batch_size=8, n_batches=8):
+        images = np.rint(b["image"].permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        for i, key in enumerate(_keys(b)):
+            row = rows[key][0]
+            seen.add(key)
+            assert np.array_equal(images[i], np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB")))
+            assert np.array_equal(b["mask"][i].numpy(), np.asarray(Image.open(io.BytesIO(row["mask"]))))
+            assert b["labels"][i].tolist() == row["labels"]
+            assert np.allclose(b["class_ratios"][i].numpy(), row["class_ratios"])
+            assert b["tissue_ratio"][i].item() == np.float32(row["tissue_ratio"])
+        meta = {"labels": b["labels"].numpy(), "tissue_ratio": b["tissue_ratio"].numpy()}
+        assert (_tissue_groups(meta) == b["group"].numpy()).all()
+    assert len(seen) > 30
+
+
+def test_parquet_sampler_takes_only_a_slices_rows_below_its_bound(tile_table, tmp_path):
+    """A TableSlice of another table joins the split with its train rows of ``x < below`` only (its val rows and
+    rows above the bound never come), each as it is in its own file."""
+    import io
+
+    from histoweak.data.streaming import BalancedSampler
+    from histoweak.methods.base import TableSlice
+
+    main = _rows_by_key([tile_table])
+    n_val = pq.read_table(tile_table, columns=["split"]).column("split").to_pylist().count("val")
+    syn = tmp_path / "syn"
+    # train rows renamed, x = 0.., in two files of row groups of 5; a val copy with x = 0.. too
+    t = _copy_split(tile_table, syn / "a.parquet", 5, slide_id=[f"syn-{i}" for i in range(len(main))],
+                    x=list(range(len(main))))
+    _copy_split(tile_table, syn / "b.parquet", 5, split="val", slide_id=[f"syn-val-{i}" for i in range(n_val)],
+                x=list(range(n_val)))
+    below = 17
+    synth = _rows_by_key([syn])
+    expected = {0: set(main), 1: {k for k in synth if k[1] < below}}
+    assert len(expected[1]) == below and t.num_rows > below
+
+    def origin(meta):
+        return np.asarray([s.startswith("syn-") for s in meta["slide_id"]], np.int64)
+
+    sampler = BalancedSampler.from_parquet(str(tile_table), "train", SAMPLED_COLUMNS, origin,
+                                           more=(TableSlice(str(syn), "x", below),), seed=0)
+    assert sampler.counts == {0: len(main), 1: below}
+    # weights = counts: one batch of every row is one pass of each group
+    b = next(sampler.batches(len(main) + below, weights={g: float(n) for g, n in sampler.counts.items()}))
+    drawn = _draws_per_group([b])
+    assert {g: set(k) for g, k in drawn.items()} == expected and len(drawn[1]) == below
+    images = np.rint(b["image"].permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    for i, key in enumerate(_keys(b)):
+        row = (synth if key[0].startswith("syn-") else main)[key][0]
+        assert np.array_equal(images[i], np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB")))

@@ -66,8 +66,17 @@ def format_table1(cells: dict[tuple[str, str], dict[float, list[tuple[float, flo
     return "\n".join(out)
 
 
+_COUNT_CHUNK_ROWS = 65536  # group_counts decodes and counts this many rows at a time
+
+
 def group_counts(tile_table: str, target: str, n_classes: int, tau: float) -> dict[str, dict[int, int]]:
-    """Tiles per group (``tissue_groups`` at ``tau``) in each split, read from the table's metadata columns only."""
+    """Tiles per group (``tissue_groups`` at ``tau``) in each split, read from the table's metadata columns only.
+
+    The rows stream through in chunks of about ``_COUNT_CHUNK_ROWS`` and only the counts are kept, so memory
+    does not grow with the table.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from histoweak.data.streaming import decode_tiles
@@ -76,11 +85,28 @@ def group_counts(tile_table: str, target: str, n_classes: int, tau: float) -> di
     files = sorted(str(p) for p in Path(tile_table).rglob("*.parquet"))
     if not files:
         raise ValueError(f"{tile_table}: no Parquet files")
-    t = pads.dataset(files, format="parquet").to_table(columns=["split", "labels", "label", "tissue_ratio"])
-    groups = Task(target, n_classes).groups(decode_tiles(t), tau)
-    split = np.asarray(t.column("split").to_pylist())
-    return {s: {int(g): int(((split == s) & (groups == g)).sum()) for g in range(4)}
-            for s in ("train", "val", "test") if (split == s).any()}
+    task = Task(target, n_classes)
+    splits = pa.array(["train", "val", "test"])
+    counts = np.zeros((len(splits), 4), np.int64)  # split x group
+
+    def add(batches: list) -> None:
+        t = pa.Table.from_batches(batches)
+        groups = task.groups(decode_tiles(t), tau)
+        split = pc.index_in(t.column("split"), value_set=splits).fill_null(-1).to_numpy()
+        keep = split >= 0  # rows of other splits are not counted
+        counts.flat[:] += np.bincount(4 * split[keep] + groups[keep], minlength=counts.size)
+
+    # the scanner yields a batch per row group (128 rows in tiled tables); counting per batch would cost 5x more
+    chunk, rows = [], 0
+    for batch in pads.dataset(files, format="parquet").to_batches(columns=["split", "labels", "label", "tissue_ratio"]):
+        chunk.append(batch)
+        rows += batch.num_rows
+        if rows >= _COUNT_CHUNK_ROWS:
+            add(chunk)
+            chunk, rows = [], 0
+    if rows:
+        add(chunk)
+    return {s: {g: int(n) for g, n in enumerate(row)} for s, row in zip(splits.to_pylist(), counts) if row.any()}
 
 
 def group_count_artifacts(train: dict, swept: dict[str, dict], tile_table: str, n_classes: int

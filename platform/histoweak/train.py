@@ -50,9 +50,9 @@ from ray.train.v2.api.callback import UserCallback
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
 from histoweak.data.schema import tile_keys
 from histoweak._ray import verbose
-from histoweak.data.streaming import (BalancedSampler, ResourcePlan, add_column, apply_resource_plan, augment_dataset,
-                                      plan_resources, read_split_meta, read_tiles, stain_batch, stain_normalize_dataset,
-                                      torch_batches)
+from histoweak.data.streaming import (BalancedSampler, ParquetRows, ResourcePlan, add_column, apply_resource_plan,
+                                      augment_dataset, plan_resources, read_split_meta, read_tiles, stain_batch,
+                                      stain_normalize_dataset, torch_batches)
 from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import RunInfo, Task, check_hparams, predict_split, to_device
 from histoweak.schedules import apply_lr, check_schedule
@@ -198,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train") if plan.main is None else None
     val_shard = ray.train.get_dataset_shard("val")
     sel, mode = cfg.select or method.selection_metric, method.selection_mode
-    streams = _sampled_streams(plan, method, cfg, rank, config.get("stain_reference"))
+    streams = _sampled_streams(plan, method, cfg, rank, config.get("stain_reference"), config.get("_sampled"))
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0, logs, n, rows = time.perf_counter(), [], 0, []
@@ -243,21 +243,20 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference: dict | None) -> dict:
+def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference: dict | None,
+                     rows: ParquetRows | None) -> dict:
     """The batch iterators of the plan's sampled streams (key "" = the main batch), drawn on this worker from
-    its copy of the (encoded) training split, each with its own seed."""
+    ``rows`` (the training split, read here from the tile table: one row index and row-group cache for all the
+    streams), each with its own seed."""
     import functools
-
-    import ray.train
 
     wanted = ([("", plan.main)] if plan.main is not None else []) + list(plan.extra.items())
     if not wanted:
         return {}
-    table = BalancedSampler.collect(ray.train.get_dataset_shard("sampled"))
     transform = functools.partial(stain_batch, reference=stain_reference) if stain_reference else None
     out = {}
     for i, (key, stream) in enumerate(wanted):
-        sampler = BalancedSampler(table, stream.strata, seed=cfg.seed * 1009 + rank + 7919 * i, augment=cfg.augment,
+        sampler = BalancedSampler(rows, stream.strata, seed=cfg.seed * 1009 + rank + 7919 * i, augment=cfg.augment,
                                   hidden=stream.hidden, transform=transform)
         if rank == 0 and method.needs_groups and len(sampler.counts) < 4:
             print(f"histoweak: warning: the training split has only groups {sampler.counts} "
@@ -406,8 +405,8 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     if config.group_tau is not None:
         groups = _group_fn(config, n_classes)
         train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
-    if plan.main is not None or plan.extra:  # every worker gets the whole (encoded) train split to draw from
-        datasets["sampled"] = read_tiles(tile_table, split="train", columns=cols, decode=False, more=plan.more_train)
+    if plan.main is not None or plan.extra:  # every worker reads the rows it draws itself: only the files travel
+        loop_config["_sampled"] = ParquetRows(tile_table, "train", cols, plan.more_train)
     if plan.main is None:
         datasets["train"] = train_ds
     run_config = ray.train.RunConfig(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -33,6 +34,9 @@ __all__ = [
     "apply_resource_plan",
     "augment_dataset",
     "BalancedSampler",
+    "DEFAULT_CACHE_BYTES",
+    "ParquetRows",
+    "TableRows",
     "add_column",
     "shares",
     "decode_tiles",
@@ -389,44 +393,78 @@ def shares(batch_size: int, weights: Sequence[float]) -> list[int]:
     return [int(x) for x in k]
 
 
+DEFAULT_CACHE_BYTES = 256 << 20  # ParquetRows' row-group cache
+MAX_OPEN_FILES = 16  # ParquetRows keeps this many Parquet files open (footer read once)
+
+
 class BalancedSampler:
     """Batches with a fixed share of rows per stratum (GERNE's less-biased batch B_lb, a method's subsets), drawn exactly.
 
-    The tiles arrive once through Ray Data (a worker's dataset iterator, or a
-    Dataset) and are kept *encoded* in this process (about the split's size on
-    disk); each batch draws ``shares(batch_size, weights)`` rows of each group
-    without replacement (a group is reshuffled when used up, so rare groups are
+    Each batch draws ``shares(batch_size, weights)`` rows of each group without
+    replacement (a group starts a new pass when used up, so rare groups are
     oversampled), then decodes and augments only those rows. Drawing locally
     keeps every batch's group counts exact and costs one decode per row used,
     where one Ray Data stream per group stalled on 2 cores (dozens of tiny
     blocks per group and four extra executors competing for one CPU).
 
+    The rows come from a row source, which several samplers can share:
+
+    - ``ParquetRows`` (``from_parquet``): read from the tile table's files in
+      this process, bounded in memory (each row's location, 8 bytes, and a
+      byte-bounded cache of encoded row groups). For local reads a pass visits
+      the group's row groups in a random order and shuffles its rows within
+      windows of ``window`` consecutive row groups of that order: with room in
+      the cache for ``window`` row groups per group, a pass reads each row
+      group about once per group.
+    - ``TableRows``: raw rows held in memory as one pyarrow Table; one window,
+      so each pass is a uniform permutation of the group's rows.
+
     Parameters
     ----------
-    source : raw (undecoded) tile rows: a ``read_tiles(..., decode=False)`` Dataset, a worker's shard of one,
-        or a pyarrow Table of them (``collect``), which several samplers can share
-    group_fn : numpy batch (``decode_tiles`` of the rows, no images) -> (N,) int group per row; rows of
-        group -1 are never drawn
+    source : a row source, or raw (undecoded) tile rows as a pyarrow Table, a ``read_tiles(..., decode=False)``
+        Dataset or a worker's shard of one (``collect``)
+    group_fn : numpy batch (``decode_tiles`` of every row, without images, masks and ``hidden``) -> (N,) int
+        group per row; rows of group -1 are never drawn
     seed : the sampling and augmentation stream
     augment : random flips, rot90 and colour jitter per batch
     hidden : columns left out of every batch (their values never leave the sampler)
     transform : numpy batch -> numpy batch, applied after decoding and before augmentation (e.g. stain
         normalisation)
+    window : row groups per shuffle window (a ``ParquetRows`` source; a group within one window is drawn in a
+        uniform permutation)
     """
 
     def __init__(self, source, group_fn, seed: int = 0, augment: bool = False, hidden: Sequence[str] = (),
-                 transform=None):
-        table = source if isinstance(source, pa.Table) else self.collect(source)
-        self.table = table.drop_columns([c for c in hidden if c in table.column_names])
-        meta = decode_tiles(self.table.drop_columns([c for c in ("image", "mask") if c in self.table.column_names]))
-        self.groups = np.asarray(group_fn(meta)).astype(np.int64)
-        self.rows = {int(g): np.flatnonzero(self.groups == g) for g in np.unique(self.groups) if g >= 0}
+                 transform=None, window: int = 4):
+        if window < 1:
+            raise ValueError(f"balanced stream: window must be >= 1 row group, got {window}")
+        if not isinstance(source, (TableRows, ParquetRows)):
+            source = TableRows(source if isinstance(source, pa.Table) else self.collect(source))
+        self.source, self.hidden, self.window = source, tuple(hidden), window
+        groups = np.asarray(group_fn(source.meta(self.hidden))).astype(np.int64)
+        order = np.argsort(groups, kind="stable")  # each group's rows ascending, so by row group
+        values, starts = np.unique(groups[order], return_index=True)
+        self.rows: dict[int, np.ndarray] = {}
+        self._unit_of: dict[int, np.ndarray] = {}  # per row of a group: its row group, numbered within the group
+        for g, rows in zip(values.tolist(), np.split(order, starts[1:])):
+            if g >= 0:
+                self.rows[g] = rows
+                self._unit_of[g] = np.unique(source.units[rows], return_inverse=True)[1].astype(np.int32)
         if not self.rows:
-            raise ValueError(f"balanced stream: none of the {len(self.groups)} rows is in a stratum")
+            raise ValueError(f"balanced stream: none of the {len(groups)} rows is in a stratum")
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.transform = transform
-        self._queues: dict[int, list[int]] = {g: [] for g in self.rows}
+        # per group: its current pass and the position of the next row in it
+        self._queues: dict[int, tuple[np.ndarray, int]] = {g: (rows[:0], 0) for g, rows in self.rows.items()}
+
+    @classmethod
+    def from_parquet(cls, path: str | Sequence[str], split: str | Sequence[str] | None, columns: Sequence[str],
+                     group_fn, more: Sequence = (), seed: int = 0, augment: bool = False, hidden: Sequence[str] = (),
+                     transform=None, window: int = 4, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "BalancedSampler":
+        """A sampler over ``ParquetRows(path, split, columns, more, cache_bytes)`` (the rows ``read_tiles`` gives)."""
+        return cls(ParquetRows(path, split, columns, more, cache_bytes), group_fn, seed=seed, augment=augment,
+                   hidden=hidden, transform=transform, window=window)
 
     @staticmethod
     def collect(source) -> pa.Table:
@@ -440,12 +478,25 @@ class BalancedSampler:
     def counts(self) -> dict[int, int]:
         return {g: len(r) for g, r in self.rows.items()}
 
-    def _draw(self, g: int, k: int) -> list[int]:
-        out, queue = [], self._queues[g]
-        while len(out) < k:
-            if not queue:
-                queue.extend(self.rng.permutation(self.rows[g]).tolist())
-            out.append(queue.pop())
+    def _pass(self, g: int) -> np.ndarray:
+        """Every row of group ``g`` once: its row groups in a random order, rows shuffled within each window of
+        ``window`` consecutive row groups of that order."""
+        rows, unit_of = self.rows[g], self._unit_of[g]
+        n_units = int(unit_of[-1]) + 1  # numbered 0.. in row order
+        window_of = np.empty(n_units, np.int64)
+        window_of[self.rng.permutation(n_units)] = np.arange(n_units) // self.window
+        return rows[np.lexsort((self.rng.permutation(len(rows)), window_of[unit_of]))]
+
+    def _draw(self, g: int, k: int) -> list[np.ndarray]:
+        out = []
+        while k:
+            queue, at = self._queues[g]
+            if at == len(queue):
+                queue, at = self._pass(g), 0
+            n = min(k, len(queue) - at)
+            out.append(queue[at:at + n])
+            self._queues[g] = (queue, at + n)
+            k -= n
         return out
 
     def batches(self, batch_size: int, weights: dict[int, float] | None = None,
@@ -463,18 +514,193 @@ class BalancedSampler:
             raise ValueError(f"balanced stream: no rows in group(s) {missing}; groups present: {self.counts}")
         order = sorted(weights)
         share = shares(batch_size, [weights[g] for g in order])
+        groups = np.repeat(np.asarray(order, np.int64), share)
         collate = TorchCollate()
         made = 0
         while n_batches is None or made < n_batches:
-            idx = [i for g, k in zip(order, share) for i in self._draw(g, k)]
-            batch = decode_tiles(self.table.take(idx))
-            batch["group"] = self.groups[idx]
+            idx = np.concatenate([part for g, k in zip(order, share) for part in self._draw(g, k)])
+            batch = decode_tiles(self.source.take(idx, self.hidden))
+            batch["group"] = groups.copy()
             if self.transform is not None:
                 batch = self.transform(batch)
             if self.augment:
                 batch = augment_batch(batch, seed=int(self.rng.integers(2**63)))
             made += 1
             yield collate(batch)
+
+
+def _without(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    return table.select([c for c in table.column_names if c not in columns])
+
+
+class TableRows:
+    """Raw tile rows held in memory as one pyarrow Table: a ``BalancedSampler`` row source."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def units(self) -> np.ndarray:
+        """(N,) the unit of reading of each row: one (the table), so draws are uniform permutations."""
+        return np.zeros(len(self), np.int64)
+
+    def meta(self, hidden: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """``decode_tiles`` of every row, without images, masks and ``hidden``."""
+        return decode_tiles(_without(self.table, [*hidden, "image", "mask"]))
+
+    def take(self, idx: np.ndarray, hidden: Sequence[str] = ()) -> pa.Table:
+        """Rows ``idx`` (positions), in that order, without ``hidden``."""
+        return _without(self.table, hidden).take(idx)
+
+
+class ParquetRows:
+    """The rows ``read_tiles(path, split, columns, more=more)`` streams, read from the Parquet files in this
+    process: a ``BalancedSampler`` row source bounded in memory.
+
+    In memory: each row's location (row group and row within it, 8 bytes a row)
+    and a least-recently-used cache of row groups (``columns``, images still
+    encoded) of at most ``cache_bytes``; a row group larger than that is read
+    for the batch that needs it and dropped. ``meta`` reads the metadata
+    columns once per call and keeps none of them.
+
+    Building one lists the files (absolute paths, so build it where relative
+    paths mean what the caller meant, e.g. the driver); it pickles as that list.
+    The row index is built on first use, in the process that draws.
+
+    Parameters
+    ----------
+    path : the tile table directory (or files), local or any pyarrow URI
+    split : keep only these splits (None: every row)
+    columns : the columns a row carries
+    more : ``methods.base.TableSlice`` s — rows of other tile tables (same ``split`` filter, plus the slice's own
+        ``column < below``)
+    cache_bytes : bound of the row-group cache (Arrow buffer bytes)
+
+    Attributes
+    ----------
+    cache_nbytes, peak_cache_nbytes : bytes in the cache now, and the most so far
+    reads : row groups read so far (``meta`` and the index aside)
+    """
+
+    def __init__(self, path: str | Sequence[str], split: str | Sequence[str] | None, columns: Sequence[str],
+                 more: Sequence = (), cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.splits = None if split is None else ([split] if isinstance(split, str) else list(split))
+        self.columns = list(dict.fromkeys(columns))
+        sources = [(path, None, None)] + [(m.path, m.column, m.below) for m in more]
+        # (file, column, below) per file; every file of a source has its filter
+        self.files = [(uri, column, None if below is None else float(below))
+                      for p, column, below in sources for uri, _ in _list_parquet(p)]
+        self.cache_bytes = int(cache_bytes)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._index: tuple[np.ndarray, ...] | None = None
+        self._cache: OrderedDict[int, tuple[pa.Table, int]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self.cache_nbytes = self.peak_cache_nbytes = self.reads = 0
+
+    def __getstate__(self) -> dict:  # the file list: never the index, the cache or open files
+        return {k: getattr(self, k) for k in ("splits", "columns", "files", "cache_bytes")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return len(self._locations()[2])
+
+    @property
+    def units(self) -> np.ndarray:
+        """(N,) the row group (numbered over all files) of each row."""
+        return self._locations()[2]
+
+    def meta(self, hidden: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """``decode_tiles`` of every row, without images, masks and ``hidden`` (read now, not kept)."""
+        cols = [c for c in self.columns if c not in (*hidden, "image", "mask")]
+        tables = [self._kept(i, cols)[1] for i in range(len(self.files))]
+        return decode_tiles(pa.concat_tables(tables, promote_options="permissive"))
+
+    def take(self, idx: np.ndarray, hidden: Sequence[str] = ()) -> pa.Table:
+        """Rows ``idx`` (positions), in that order, without ``hidden``: read by row group, through the cache."""
+        _, _, unit_of, row_of = self._locations()
+        units, rows = unit_of[idx], row_of[idx]
+        order = np.argsort(units, kind="stable")
+        cols = [c for c in self.columns if c not in hidden]
+        pieces = [self._row_group(int(units[part[0]])).select(cols).take(rows[part])  # take copies: no pin
+                  for part in np.split(order, np.flatnonzero(np.diff(units[order])) + 1)]
+        return pa.concat_tables(pieces, promote_options="permissive").take(np.argsort(order))
+
+    def _file(self, i: int):
+        """File ``i`` as an open ``pq.ParquetFile`` (the last ``MAX_OPEN_FILES`` stay open)."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i][1]
+        fs, path = pafs.FileSystem.from_uri(_as_uri(self.files[i][0]))
+        fh = fs.open_input_file(path)
+        self._open[i] = (fh, pq.ParquetFile(fh))
+        if len(self._open) > MAX_OPEN_FILES:
+            self._open.popitem(last=False)[1][0].close()
+        return self._open[i][1]
+
+    def _kept(self, i: int, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
+        """Positions in file ``i`` of the rows its filters keep (split, ``column < below``), and their ``columns``."""
+        _, column, below = self.files[i]
+        pf = self._file(i)
+        need = list(dict.fromkeys([*columns, *(["split"] if self.splits is not None else []),
+                                   *([column] if column else [])]))
+        if not need:
+            return np.arange(pf.metadata.num_rows), pa.table({})
+        t = pf.read(columns=need)
+        keep = np.ones(t.num_rows, bool)
+        if self.splits is not None:
+            keep &= pa.compute.is_in(t.column("split"), pa.array(self.splits)).to_numpy(zero_copy_only=False)
+        if column:
+            keep &= pa.compute.less(t.column(column), below).fill_null(False).to_numpy(zero_copy_only=False)
+        pos = np.flatnonzero(keep)
+        return pos, t.select(columns).take(pos)
+
+    def _locations(self) -> tuple[np.ndarray, ...]:
+        """(file, row group) per unit; (unit, row within it) per row, in file and row order."""
+        if self._index is None:
+            unit_file, unit_rg, unit_of, row_of = [], [], [], []
+            for i in range(len(self.files)):
+                md = self._file(i).metadata
+                starts = np.cumsum([0] + [md.row_group(r).num_rows for r in range(md.num_row_groups)])
+                pos, _ = self._kept(i, [])
+                rg = np.searchsorted(starts, pos, side="right") - 1
+                unit_of.append((len(unit_file) + rg).astype(np.int32))
+                row_of.append((pos - starts[rg]).astype(np.int32))
+                unit_file += [i] * md.num_row_groups
+                unit_rg += range(md.num_row_groups)
+            self._index = (np.asarray(unit_file, np.int32), np.asarray(unit_rg, np.int32),
+                           np.concatenate(unit_of), np.concatenate(row_of))
+            if not len(self._index[2]):
+                raise ValueError(f"balanced stream: no rows of splits {self.splits} in {len(self.files)} Parquet "
+                                 f"file(s), the first {self.files[0][0]}")
+        return self._index
+
+    def _row_group(self, unit: int) -> pa.Table:
+        """Row group ``unit`` (``columns``), from the cache or read (and cached when it fits)."""
+        if unit in self._cache:
+            self._cache.move_to_end(unit)
+            return self._cache[unit][0]
+        unit_file, unit_rg = self._locations()[:2]
+        table = self._file(int(unit_file[unit])).read_row_group(int(unit_rg[unit]), columns=self.columns)
+        self.reads += 1
+        size = table.get_total_buffer_size()
+        if size <= self.cache_bytes:
+            while self.cache_nbytes + size > self.cache_bytes:
+                self.cache_nbytes -= self._cache.popitem(last=False)[1][1]
+            self._cache[unit] = (table, size)
+            self.cache_nbytes += size
+            self.peak_cache_nbytes = max(self.peak_cache_nbytes, self.cache_nbytes)
+        return table
 
 
 def derive_table(inputs, out: str | Path, fn_cls, fn_kwargs: dict | None = None, split: str | Sequence[str] | None = None,
