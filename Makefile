@@ -31,7 +31,7 @@ demo-data: install
 	$(BIN)/python jobs/demo.py
 
 test: install
-	$(PYTEST) -m "not slow" -q
+	$(PYTEST) -m "not slow" -q --durations=25
 
 test-all: install
 	$(PYTEST) -q

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_gerne_step  # noqa: E402
 import bench_pscl_loss  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_streaming  # noqa: E402
 import bench_train  # noqa: E402
 import bench_tiling  # noqa: E402
@@ -36,6 +37,8 @@ def main() -> None:
     ray.shutdown()  # the streaming benchmark forks its baselines before starting Ray
     streaming = bench_streaming.main(size)
     ray.shutdown()
+    scale = bench_scale.main([])  # a million 64-px JPEG tiles, ~2.5 min (the table is generated once, ~10 s)
+    ray.shutdown()
     train = bench_train.main(["--trials", "4"] if quick else [])
     gerne = gerne_vs_erm.main(["--quick"])  # the full Table 1: python benchmarks/gerne_vs_erm.py
     pscl_cam = pscl_vs_cam.main(["--quick"])  # the full comparison: python benchmarks/pscl_vs_cam.py
@@ -48,6 +51,10 @@ def main() -> None:
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
           f"of ceiling = {streaming['vs_ceiling']:.0%} (goal >= 80%); JPEG tiles {streaming['jpeg_vs_dataloader']:.2f}x, "
           f"{streaming['jpeg_vs_ceiling']:.0%} of ceiling; with a model step per batch {streaming['train_vs_dataloader']:.2f}x")
+    print(f"a million tiles: stream {scale['steady_img_s']:.0f} img/s, first batch {scale['first_batch_s']:.1f} s; "
+          f"driver peak RSS {scale['driver_peak_rss_mb']:.0f} MB, Ray workers {scale['workers_peak_uss_mb']:.0f} MB "
+          f"(USS); balanced sampler {scale['sampler_img_s']:.0f} img/s, driver peak "
+          f"{scale['sampler_driver_peak_rss_mb']:.0f} MB; group counts {scale['group_counts_s']:.1f} s")
     print(f"training: Ray Train / plain PyTorch steps/s = {train['train_ratio']:.2f}x (goal >= 0.9x)")
     print(f"sweep: wall time / sum of trial training time = {train['sweep_ratio']:.2f}x")
     print(f"gerne step: fused / ERM on as many images = {gerne_step['fused_vs_erm']:.2f}x (goal <= 1.15x); "
