@@ -28,6 +28,7 @@ def slide_table(tmp_path_factory) -> Path:
     return root / "table"
 
 
+@pytest.mark.slow  # 82 s on 2 cores: `make test-all` (with MagNet through Ray Train in test_distributed); test_magnet.py checks its steps
 def test_smoke_job_sweeps_in_mlflow_with_auroc_pixels_and_zoom_paths(slide_table, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -191,6 +191,7 @@ def test_a_poisoned_mask_would_have_reached_the_loss_without_the_hidden_column()
         m.step({"image": batch["image"], "mask": batch["mask"]})
 
 
+@pytest.mark.slow  # 171 s on 2 cores: `make test-all`; GERNE's smoke sweep keeps a sampled-stream run in `make test`
 def test_smoke_sweep_of_the_job_nested_in_mlflow_then_fig5(tile_table, tmp_path):
     """``jobs/tune_segcls.py --smoke-test``: S, S+C, S+C* at s = 5 % as trials nested in the sweep's MLflow run,
     each with its subsets (the same segmentation patches, the setting's classification patches), pixel
