@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 DEFAULT_COLUMNS = ("image", "mask", "labels", "label", "tissue_ratio", "group", "slide_id")
+MAX_READ_BLOCKS = 256  # read_tiles' tasks: a unit of row groups each, or several in turn past this many
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,6 @@ def shares(batch_size: int, weights: Sequence[float]) -> list[int]:
     return [int(x) for x in k]
 
 
-MAX_READ_BLOCKS = 256  # read_tiles' tasks: a unit of row groups each, or several in turn past this many
 DEFAULT_CACHE_BYTES = 256 << 20  # ParquetRows' row-group cache
 MAX_OPEN_FILES = 16  # ParquetRows keeps this many Parquet files open (footer read once)
 
