@@ -147,21 +147,17 @@ def resolve_data(data: str | None, smoke: bool = False, address: str | None = No
 
     if data is None or data.startswith("synthetic:"):
         from histoweak.data.defaults import PATCH_PRESETS, SLIDE_PRESETS, default_slide_table
-        from histoweak.data.synthetic import PRESETS
 
-        preset = data.split(":", 1)[1] if data else "default"
-        if preset not in PRESETS and preset not in PATCH_PRESETS:
-            raise ValueError(f"--data {data}: unknown synthetic preset; valid: "
-                             f"{', '.join('synthetic:' + p for p in sorted([*PRESETS, *PATCH_PRESETS]))}")
+        preset, knobs = parse_data_spec(data or "synthetic:default")
         init_ray(address)
         if preset in SLIDE_PRESETS:  # served as a slide table (whole-slide methods): nothing is tiled
-            table = str(default_slide_table(preset=preset, **(SMOKE_SLIDES if smoke else {})))
+            table = str(default_slide_table(preset=preset, **{**knobs, **(SMOKE_SLIDES if smoke else {})}))
         elif preset in PATCH_PRESETS:
-            table = str(default_tile_table(preset=preset))
-        elif preset == "default" and smoke:
+            table = str(default_tile_table(preset=preset, **knobs))
+        elif preset == "default" and smoke and not knobs:
             table = str(default_tile_table(preset="tiny"))
         else:
-            table = str(default_tile_table(preset=preset, **(dict(n_slides=5, size=1024) if smoke else {})))
+            table = str(default_tile_table(preset=preset, **{**knobs, **(dict(n_slides=5, size=1024) if smoke else {})}))
     else:
         table = data
     from histoweak import _storage
@@ -175,6 +171,40 @@ def resolve_data(data: str | None, smoke: bool = False, address: str | None = No
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{manifest}: not a readable histoweak tile table ({type(exc).__name__}: {exc})") from None
     return table, n_classes_of(table)
+
+
+def parse_data_spec(data: str) -> tuple[str, dict]:
+    """``synthetic:<preset>[?<knob>=<value>&...]`` -> (preset, knobs), e.g. ``synthetic:gerne?shortcut=0.8``: the
+    preset with some of its knobs (``data.synthetic.SynthPreset`` fields) changed, cached apart from the preset.
+    ``ValueError`` names an unknown preset, an unknown knob or a bad value, before any work."""
+    import dataclasses
+
+    import yaml
+
+    from histoweak.data.defaults import PATCH_PRESETS
+    from histoweak.data.synthetic import PRESETS
+
+    name, _, query = data.removeprefix("synthetic:").partition("?")
+    if name not in PRESETS and name not in PATCH_PRESETS:
+        raise ValueError(f"--data {data}: unknown synthetic preset {name!r}; valid: "
+                         f"{', '.join('synthetic:' + p for p in sorted([*PRESETS, *PATCH_PRESETS]))}")
+    knobs = {}
+    for item in filter(None, query.split("&")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--data {data}: {item!r}: give knobs as <knob>=<value>, e.g. synthetic:gerne?shortcut=0.8")
+        parsed = yaml.safe_load(value)
+        knobs[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    valid = set(PATCH_PRESETS[name]) if name in PATCH_PRESETS else {f.name for f in dataclasses.fields(PRESETS[name])} - {"name"}
+    unknown = sorted(set(knobs) - valid)
+    if unknown:
+        raise ValueError(f"--data {data}: unknown knob(s) {unknown} of preset {name!r}; valid: {sorted(valid)}")
+    if name in PRESETS and knobs:
+        try:
+            dataclasses.replace(PRESETS[name], **knobs)  # the preset checks its values
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--data {data}: {exc}") from None
+    return name, knobs
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -350,8 +380,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     init_ray(args.address)
     request_cpus(args.cpus)
     try:
+        knobs = parse_data_spec(args.data or space.data)[1] if (args.data or space.data or "").startswith("synthetic:") else {}
         rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
-                         stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose)
+                         stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose,
+                         data_params={f"data.{k}": v for k, v in knobs.items()})
     finally:
         if args.cpus:
             release_cpus()
@@ -394,6 +426,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _report_usegmix(args.experiment or ["usegmix"])
     if args.magnet:
         return _report_magnet(args.experiment or ["magnet"])
+    if args.heatmap:
+        return _report_heatmap(args.experiment or [None], args.knob, args.baseline, args.metric, args.axes, args.out)
     parent, children = tracking.latest_sweep(args.experiment[-1] if args.experiment else None)
     metric = parent.data.params.get("metric", "val_bca")
     key = f"best_{metric}"
@@ -453,6 +487,67 @@ def _report_table1(experiments: list[str]) -> int:
     if not taus:
         raise ValueError(f"no finished ERM/GERNE runs with a group threshold in {experiments}")
     print(format_table1(cells, taus, title=f"Table 1 layout from the newest sweeps of {', '.join(experiments)}"))
+    return 0
+
+
+def _report_heatmap(experiments: list[str | None], knob: str | None, baseline: str, metrics: list[str] | None,
+                    axes: list[str] | None, out: str | None) -> int:
+    """Sensitivity heatmaps (issue 15): the gain of each value of ``knob`` over ``baseline`` per combination of
+    ``axes`` values, paired by seed, from the newest sweep of each experiment (its trials that finished or
+    failed with a result, its ``data.*`` parameters merged in); one table and figure per metric, printed, saved
+    under ``out`` and logged to the first sweep's MLflow run, plus the CAM histograms per knob value if logged."""
+    import matplotlib.pyplot as plt
+
+    from histoweak import figures, tracking
+    from histoweak.methods import METHODS
+    from histoweak.report import cam_hist_classes, cam_histograms, format_heatmap, heatmap_cells, param
+
+    if not knob:
+        raise ValueError("--heatmap needs --knob, e.g. --knob hparams.beta")
+    runs, parent = [], None
+    for exp in experiments:
+        try:
+            p, children = tracking.latest_sweep(exp)
+        except ValueError as exc:
+            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
+            continue
+        parent = parent or p
+        data = {k: v for k, v in p.data.params.items() if k.startswith("data.")}
+        runs += [{"params": {**data, **c.data.params}, "metrics": c.data.metrics, "status": c.info.status}
+                 for c in children if c.info.status in ("FINISHED", "FAILED")
+                 and any(k == "diverged" or k.startswith("test_") for k in c.data.metrics)]
+    if not runs:
+        raise ValueError(f"no finished or failed runs with results in the newest sweeps of {experiments}")
+    if not metrics:
+        defaults = {next((m for m in METHODS[name].headline_metrics if m.startswith("test_")), None)
+                    for name in {param(r, "train.method") for r in runs} if name in METHODS}
+        if len(defaults) != 1 or None in defaults:
+            raise ValueError(f"give --metric: the runs' methods have no single test headline metric ({defaults})")
+        metrics = list(defaults)
+    if axes is None:
+        keys = {k.removeprefix("swept.") for r in runs for k in r["params"] if k.startswith("swept.")}
+        keys |= {k for r in runs for k in r["params"] if k.startswith("data.")}
+        axes = sorted(k for k in keys - {knob, "train.seed"} if len({str(param(r, k)) for r in runs}) > 1)
+    out_dir = Path(out or "report-heatmap")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ", ".join(e or "the newest experiment" for e in experiments)
+    for metric in metrics:
+        cells = heatmap_cells(runs, knob, baseline, metric, axes)
+        title = f"{metric}: gain of {knob} over {knob}={baseline}, newest sweeps of {names}"
+        _print_and_log_table(format_heatmap(cells, knob, axes, metric, title=title), parent, f"heatmap_{metric}.txt")
+        fig = figures.heatmap_figure(cells, knob, axes, metric, title)
+        fig.savefig(out_dir / f"heatmap_{metric}.png", dpi=110)
+        tracking.log_figure(parent.info.run_id, fig, f"heatmap_{metric}.png")
+        plt.close(fig)
+    classes = cam_hist_classes(runs)
+    if classes:
+        fig = figures.cam_histograms_figure(cam_histograms(runs, knob, classes), classes,
+                                            f"test: CAM values at each class's pixels per {knob}",
+                                            knob.rsplit(".", 1)[-1])
+        fig.savefig(out_dir / "cam_histograms.png", dpi=110)
+        tracking.log_figure(parent.info.run_id, fig, "cam_histograms.png")
+        plt.close(fig)
+    print(f"figures: {out_dir.resolve()}; logged to the sweep's MLflow run {parent.info.run_id}")
     return 0
 
 
@@ -667,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print a sweep's leaderboard and plot its metric vs the swept parameters")
     p.add_argument("--experiment", action="append", default=None,
                    help="MLflow experiment (= sweep name; default: the newest); repeatable with --table1")
-    p.add_argument("--out", default=None, help="PNG path (default: report-<experiment>.png)")
+    p.add_argument("--out", default=None,
+                   help="PNG path (default: report-<experiment>.png); with --heatmap a directory")
     p.add_argument("--table1", action="store_true",
                    help="GERNE's Table 1 (WGA/BCA per tau, mean ± std over seeds) from the gerne and gerne-erm sweeps")
     p.add_argument("--fig5", action="store_true",
@@ -679,6 +775,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--usegmix", action="store_true",
                    help="USegMix's Table 1 (Acc, F1, Kappa, Avg↑ vs no synthesis per backbone, mean ± std over "
                         "seeds) from the newest sweep of each --experiment (default usegmix)")
+    p.add_argument("--heatmap", action="store_true",
+                   help="sensitivity heatmaps: the gain of each --knob value over --baseline per combination of "
+                        "--axes values, mean ± std over paired seeds, from the newest sweep of each --experiment; "
+                        "--out is then a directory (default report-heatmap/)")
+    p.add_argument("--knob", default=None, help="with --heatmap: the parameter whose values form the rows, "
+                                                "e.g. hparams.beta or hparams.lam")
+    p.add_argument("--baseline", default="0", help="with --heatmap: the knob value gains are measured against "
+                                                   "(default: %(default)s)")
+    p.add_argument("--metric", action="append", default=None,
+                   help="with --heatmap: a test metric, e.g. test_wga; repeatable, one heatmap each (default: the "
+                        "method's first test headline metric)")
+    p.add_argument("--axes", nargs="+", default=None, metavar="KEY",
+                   help="with --heatmap: the parameters whose values form the columns, e.g. hparams.lr data.shortcut "
+                        "(default: every swept parameter but the knob and the seed, and every data.* parameter, "
+                        "that takes more than one value)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="segment whole slides with a segmentation checkpoint: class masks, overlays, "

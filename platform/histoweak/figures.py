@@ -396,3 +396,65 @@ def magnet_zoom_figure(path: str, record: dict, label: int, size_class: str, ove
     a.tick_params(labelsize=6)
     fig.tight_layout()
     return fig
+
+
+def heatmap_figure(cells: dict, knob: str, axes: list[str] | tuple[str, ...], metric: str, title: str = ""):
+    """``report.heatmap_cells`` as an image: a row per knob value but the baseline, a column per combination of
+    ``axes`` values, colour = mean gain in points (red below 0, blue above, limits symmetric), each cell
+    annotated with ``report.heatmap_cell_text`` (mean ± std, ``div k/n`` where runs diverged); cells without a
+    paired seed grey."""
+    from histoweak.report import format_value, heatmap_cell_text, heatmap_column_labels, heatmap_grid, short_names
+
+    base, values, columns = heatmap_grid(cells)
+    rows = values[1:]
+    gain = np.array([[100 * cells[(v, *c)]["mean"] if cells[(v, *c)]["n"] else np.nan for c in columns]
+                     for v in rows])
+    lim = float(np.nanmax(np.abs(gain), initial=0.0)) or 1.0  # no gain but 0 (or none): any symmetric range
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="0.8")
+    fig, ax = plt.subplots(figsize=(2.5 + 1.7 * len(columns), 1.6 + 0.6 * len(rows)))
+    im = ax.imshow(np.ma.masked_invalid(gain), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
+    for i, v in enumerate(rows):
+        for j, c in enumerate(columns):
+            cell = cells[(v, *c)]
+            text = heatmap_cell_text(cell).replace(" (div", "\n(div")
+            dark = np.isfinite(gain[i, j]) and abs(gain[i, j]) > 0.6 * lim
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    names = short_names([knob, *axes])
+    ax.set_xticks(range(len(columns)), heatmap_column_labels(axes, columns, "\n"), fontsize=7)
+    ax.set_yticks(range(len(rows)), [format_value(v) for v in rows], fontsize=8)
+    ax.set_ylabel(f"{names[0]} (vs {names[0]}={format_value(base)})")
+    fig.colorbar(im, ax=ax, label=f"gain in {metric} (points)")
+    ax.set_title(title or f"{metric}: mean ± std of the gain over paired seeds", fontsize=9, wrap=True)
+    fig.tight_layout()
+    return fig
+
+
+def cam_histograms_figure(hists: dict, class_names: list[str], title: str = "", knob: str = ""):
+    """The thesis's Fig. 5.1 per knob value (e.g. PSCL's λ): a panel per class, the share of the class's pixels
+    per CAM-value bin as a step line per knob value.
+
+    hists : ``{knob value: (n_classes, B)}`` (``report.cam_histograms``), rows named by ``class_names``
+    knob : the legend's name of the values (``lam`` -> ``lam=0.1``)
+    """
+    from histoweak.report import format_value
+
+    k = len(class_names)
+    fig, axes = plt.subplots(1, k, figsize=(2.8 * k + 0.6, 2.8), squeeze=False, sharey=True)
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(hists), 1)))
+    for (v, h), colour in zip(hists.items(), colours):
+        edges = np.linspace(0, 1, h.shape[1] + 1)
+        label = f"{knob}={format_value(v)}" if knob else format_value(v)
+        for c in range(k):
+            axes[0, c].stairs(h[c], edges, color=colour, lw=1.4, label=label)
+    for c, ax in enumerate(axes[0]):
+        ax.set_title(class_names[c], fontsize=9)
+        ax.set_xlabel("CAM value")
+    axes[0, 0].set_ylabel("fraction of the class's pixels")
+    axes[0, -1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["cam_histograms_figure", "heatmap_figure"]

@@ -16,7 +16,9 @@ from histoweak.methods.base import tissue_groups
 
 __all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
            "write_csv", "USEGMIX_KEYS", "USEGMIX_METRICS", "format_usegmix_table", "usegmix_cells", "usegmix_gain",
-           "MAGNET_COLUMNS", "format_magnet_table", "magnet_cells", "magnet_row_label"]
+           "MAGNET_COLUMNS", "format_magnet_table", "magnet_cells", "magnet_row_label",
+           "cam_hist_classes", "cam_histograms", "format_heatmap", "heatmap_cell_text", "heatmap_cells",
+           "heatmap_column_labels", "heatmap_grid", "format_value", "param", "short_names"]
 
 #: (row label, method, selection metric) in the paper's order
 TABLE1_ROWS = (("ERM", "erm", "val_bca"), ("ERM", "erm", "val_wga"), ("GERNE", "gerne", "val_wga"))
@@ -451,3 +453,211 @@ def format_magnet_table(cells: dict[str, dict[str, list[float]]], title: str = "
     out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in lines]
     return "\n".join(out)
+
+
+def param(run: dict, key: str):
+    """A run's value of ``key`` (``hparams.beta``, ``train.epochs``, ``data.shortcut``): ``swept.<key>``, else
+    ``<key>``, else, for ``train.<name>``, ``<name>`` (train fields are logged at the top level). Numeric strings
+    become floats; missing or ``"None"`` is None."""
+    p = run["params"]
+    for k in (f"swept.{key}", key, key.removeprefix("train.") if key.startswith("train.") else None):
+        if k is not None and k in p:
+            v = p[k]
+            return None if v in (None, "None") else _num(v)
+    return None
+
+
+def _order(v) -> tuple:
+    """Sort key for parameter values that may mix None, numbers and strings."""
+    return (v is not None, isinstance(v, str), v if isinstance(v, (int, float)) else str(v))
+
+
+def _finite(run: dict, metric: str) -> float | None:
+    v = run["metrics"].get(metric)
+    return float(v) if v is not None and np.isfinite(float(v)) else None
+
+
+def heatmap_cells(runs: list[dict], knob: str, baseline, metric: str, axes: list[str] | tuple[str, ...] = (),
+                  seed_key: str = "train.seed") -> dict[tuple, dict]:
+    """Gain of each value of ``knob`` over ``knob = baseline`` in ``metric``, per combination of ``axes`` values,
+    paired by seed (issue 15: where do PSCL's λ and GERNE's β help?).
+
+    runs : ``{"params", "metrics"}`` (MLflow child runs; values looked up with ``param``). Runs without ``knob``
+        are left out; a run's metric counts even when it diverged (``diverged`` == 1: its metric, if any, is from
+        a checkpoint before the divergence).
+    baseline : the knob's reference value (``0`` or ``"0"``: compared after the same number parsing).
+
+    Returns ``{(knob value, *axis values): cell}`` over every knob value (the baseline's included) and every
+    combination of axis values some run has, with each cell
+
+    - ``"baseline"``: whether this is a baseline row
+    - ``"runs"``, ``"diverged"``: runs of the cell, and those with ``diverged`` == 1
+    - ``"value"``: mean ``metric`` over the cell's runs (NaN without one); ``"base"``: the same for the
+      baseline cell of the same axis values
+    - ``"gains"``: ``{seed: metric - baseline metric}`` for the seeds both cells have with a finite metric
+      (several runs of one cell and seed are averaged first); ``"n"`` = their number, ``"mean"`` and
+      ``"std"`` (ddof=1; NaN under 2 seeds) = their mean and spread. Empty/0/NaN in baseline rows.
+
+    ``ValueError`` without runs, without runs of the baseline, or without another knob value.
+    """
+    if not runs:
+        raise ValueError("heatmap: no runs")
+    base_value = _num(baseline)
+    by_cell: dict[tuple, list[dict]] = {}
+    for r in runs:
+        v = param(r, knob)
+        if v is not None:
+            by_cell.setdefault((v, *(param(r, a) for a in axes)), []).append(r)
+    values = sorted({k[0] for k in by_cell}, key=_order)
+    if base_value not in values:
+        raise ValueError(f"heatmap: no run has {knob} = {baseline}" + (f"; values: {values}" if values else
+                                                                        f" (no run has {knob} at all)"))
+    if len(values) == 1:
+        raise ValueError(f"heatmap: every run has {knob} = {baseline}; nothing to compare")
+    columns = sorted({k[1:] for k in by_cell}, key=lambda c: tuple(_order(v) for v in c))
+
+    def per_seed(cell_runs: list[dict]) -> dict:
+        seeds: dict = {}
+        for r in cell_runs:
+            m = _finite(r, metric)
+            if m is not None:
+                seeds.setdefault(param(r, seed_key), []).append(m)
+        return {s: float(np.mean(ms)) for s, ms in seeds.items()}
+
+    def mean(xs: list[float]) -> float:
+        return float(np.mean(xs)) if xs else float("nan")
+
+    cells = {}
+    for col in columns:
+        base_runs = by_cell.get((base_value, *col), [])
+        base_seeds = per_seed(base_runs)
+        base = mean([m for r in base_runs if (m := _finite(r, metric)) is not None])
+        for v in values:
+            cell_runs = by_cell.get((v, *col), [])
+            seeds = per_seed(cell_runs)
+            gains = {} if v == base_value else {s: seeds[s] - base_seeds[s] for s in seeds if s in base_seeds}
+            g = np.asarray(list(gains.values()), float)
+            cells[(v, *col)] = {
+                "baseline": v == base_value, "runs": len(cell_runs),
+                "diverged": sum(r["metrics"].get("diverged") == 1.0 for r in cell_runs),
+                "value": mean([m for r in cell_runs if (m := _finite(r, metric)) is not None]), "base": base,
+                "gains": gains, "n": len(gains), "mean": mean(list(g)),
+                "std": float(g.std(ddof=1)) if len(g) > 1 else float("nan")}
+    return cells
+
+
+def format_value(v) -> str:
+    """A parameter value, short: 0.2, 1e-4, 3, tumor."""
+    if not isinstance(v, float) or not np.isfinite(v):
+        return str(v)
+    if v.is_integer():
+        return str(int(v))
+    pos = np.format_float_positional(v, trim="-")
+    sci = np.format_float_scientific(v, trim="-", exp_digits=1).replace("e+", "e")
+    return sci if len(sci) < len(pos) else pos
+
+
+def short_names(keys: list[str] | tuple[str, ...]) -> list[str]:
+    """``hparams.lr`` -> ``lr``, unless another key ends in the same name."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return [s if last.count(s) == 1 else k for k, s in zip(keys, last)]
+
+
+def heatmap_grid(cells: dict[tuple, dict]) -> tuple[object, list, list[tuple]]:
+    """(baseline value, knob values with the baseline first, axis-value columns) of ``heatmap_cells``' cells."""
+    base = next(k[0] for k, c in cells.items() if c["baseline"])
+    values = [base, *sorted({k[0] for k in cells if k[0] != base}, key=_order)]
+    columns = sorted({k[1:] for k in cells}, key=lambda c: tuple(_order(v) for v in c))
+    return base, values, columns
+
+
+def heatmap_column_labels(axes: list[str] | tuple[str, ...], columns: list[tuple], sep: str = " ") -> list[str]:
+    """Headers of the axis-value combinations: ``lr=1e-4 shortcut=0.2`` (``all runs`` without axes)."""
+    names = short_names(axes)
+    return [sep.join(f"{n}={format_value(v)}" for n, v in zip(names, col)) or "all runs" for col in columns]
+
+
+def heatmap_cell_text(cell: dict) -> str:
+    """A gain cell in points: ``+1.23 ± 0.80`` (no ± with one seed), ``-`` without a paired seed, then
+    `` (div k/n)`` when ``k`` of the cell's ``n`` runs diverged."""
+    if cell["n"] == 0:
+        text = "-"
+    elif cell["n"] == 1:
+        text = f"{100 * cell['mean']:+.2f}"
+    else:
+        text = f"{100 * cell['mean']:+.2f} ± {100 * cell['std']:.2f}"
+    return text + (f" (div {cell['diverged']}/{cell['runs']})" if cell["diverged"] else "")
+
+
+def format_heatmap(cells: dict[tuple, dict], knob: str, axes: list[str] | tuple[str, ...], metric: str,
+                   title: str = "") -> str:
+    """``heatmap_cells`` as text: a row per knob value (the baseline's first, showing its mean ``metric`` in %),
+    a column per combination of ``axes`` values, gains in points (``heatmap_cell_text``)."""
+    base, values, columns = heatmap_grid(cells)
+    knob_name = short_names([knob, *axes])[0]
+    head = [knob_name, *heatmap_column_labels(axes, columns)]
+    lines = []
+    for v in values:
+        row = [f"{format_value(v)} (base)" if v == base else format_value(v)]
+        for col in columns:
+            c = cells[(v, *col)]
+            if v == base:
+                text = "-" if np.isnan(c["value"]) else f"{100 * c['value']:.2f}"
+                row.append(text + (f" (div {c['diverged']}/{c['runs']})" if c["diverged"] else ""))
+            else:
+                row.append(heatmap_cell_text(c))
+        lines.append(row)
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+    out = [title] if title else []
+    out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
+    n = sorted({c["n"] for c in cells.values() if not c["baseline"]})
+    out.append(f"gain in {metric} over {knob}={format_value(base)} (points), mean ± std over paired seeds "
+               f"(paired seeds per cell: {'/'.join(map(str, n))}); the base row: its {metric} (%), mean over runs")
+    return "\n".join(out)
+
+
+_CAM_HIST = "test_cam_hist_"
+
+
+def _cam_hist_keys(runs: list[dict]) -> list[tuple[str, str, int]]:
+    """(metric, class name, bin) of every ``test_cam_hist_<class>_<bin>`` metric of the runs."""
+    keys = {k for r in runs for k in r["metrics"] if k.startswith(_CAM_HIST)}
+    parts = ((k, *k[len(_CAM_HIST):].rpartition("_")[::2]) for k in keys)
+    return [(k, c, int(b)) for k, c, b in parts if c and b.isdigit()]
+
+
+def cam_hist_classes(runs: list[dict]) -> list[str]:
+    """The class names of the runs' ``test_cam_hist_<class>_<bin>`` metrics, sorted (numbers numerically)."""
+    names = {c for _, c, _ in _cam_hist_keys(runs)}
+    return sorted(names, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+
+
+def cam_histograms(runs: list[dict], knob: str, classes: list[str] | None = None) -> dict[object, np.ndarray]:
+    """The thesis's Fig. 5.1 data per knob value: the mean over runs of the ``test_cam_hist_<class>_<bin>``
+    metrics (share of the class's pixels with a CAM in [bin / B, (bin + 1) / B)).
+
+    Returns ``{knob value: (n_classes, B) float}``, rows in the order of ``classes`` (default
+    ``cam_hist_classes(runs)``), knob values sorted; a bin no run of a value has is NaN. Runs without the knob
+    or without any such metric are left out.
+    """
+    classes = cam_hist_classes(runs) if classes is None else classes
+    row = {c: i for i, c in enumerate(classes)}
+    keys = [(k, row[c], b) for k, c, b in _cam_hist_keys(runs) if c in row]
+    n_bins = 1 + max((b for _, _, b in keys), default=-1)
+    stacks: dict = {}
+    for r in runs:
+        v = param(r, knob)
+        if v is None or not any(k in r["metrics"] for k, _, _ in keys):
+            continue
+        h = np.full((len(classes), n_bins), np.nan)
+        for k, c, b in keys:
+            if k in r["metrics"]:
+                h[c, b] = float(r["metrics"][k])
+        stacks.setdefault(v, []).append(h)
+    out = {}
+    for v in sorted(stacks, key=_order):
+        s = np.stack(stacks[v])
+        seen = (~np.isnan(s)).sum(0)
+        out[v] = np.where(seen > 0, np.nansum(s, 0) / np.maximum(seen, 1), np.nan)
+    return out

@@ -80,6 +80,9 @@ class TrainConfig:
     # learning rate per epoch, any method: {"name": "cosine" | "cosine_restarts" | "poly", ...} (histoweak.schedules)
     lr_schedule: dict[str, Any] | None = None
     group_tau: float | None = None  # groups (y, [r_tissue >= tau]) for WGA and balanced streams (GERNE)
+    # more thresholds at which the best checkpoint's test groups are scored: test_tau<t>_wga, _bca, ... (GERNE's
+    # Table 1 reports tau = 0.1 and 0.03; groups depend on the tiles only, so one training serves every threshold)
+    eval_taus: list[float] = field(default_factory=list)
     stain_norm: bool = False  # Macenko-normalise every image to one reference tile of the training split
     select: str | None = None  # checkpoint selection metric (val_*); default: the method's
     keep_checkpoints: int | None = 1  # best checkpoints kept (None: every epoch's, for post-hoc selection)
@@ -123,6 +126,11 @@ class TrainConfig:
                 bad("group_tau", f"must be in [0, 1], got {self.group_tau}")
             if task.multilabel:
                 bad("group_tau", "tissue groups need a binary target ('class:<c>' or 'label')")
+        for t in self.eval_taus:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+                bad("eval_taus", f"each must be a number in [0, 1], got {t!r}")
+        if self.eval_taus and not (task.target.startswith("class:") or task.target == "label"):
+            bad("eval_taus", "tissue groups need a binary target ('class:<c>' or 'label')")
         if METHODS[self.method].needs_groups and self.group_tau is None:
             bad("group_tau", f"method {self.method!r} trains on groups: set the tissue-ratio threshold")
         if self.select is not None:
@@ -164,8 +172,10 @@ def evaluate(method, batches, prefix: str) -> dict[str, float]:
     return method.evaluate_batches(batches, prefix)[0]
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The per-worker loop: shard in, one report with a checkpoint per epoch."""
+def train_loop_per_worker(config: dict) -> dict | None:
+    """The per-worker loop: shard in, one report with a checkpoint per epoch. Returns the last epoch's metrics
+    (rank 0's reach ``fit``: Ray Train's result holds only reports with a checkpoint, and a run that diverged
+    ends with a report without one)."""
     import ray.train
     import ray.train.torch
 
@@ -204,6 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
         t0, logs, n, rows = time.perf_counter(), [], 0, []
         # from each group's initial lr and the epoch alone: a resumed run gets the uninterrupted run's lr
         lr = apply_lr(method.optimizer, cfg.lr_schedule, epoch, cfg.epochs)
+        method.on_epoch_start(epoch, cfg.epochs)
+        diverged_at = None
         if plan.main is None:
             batches = torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)
         else:  # the method draws its main batch too (e.g. from a subset of the tiles): a fixed number of steps
@@ -214,7 +226,12 @@ def train_loop_per_worker(config: dict) -> None:
             for key, stream in streams.items():
                 if key:
                     batch[key] = next(stream)
-            logs.append(method.step(to_device(batch, device)))
+            try:
+                logs.append(method.step(to_device(batch, device)))
+            except FloatingPointError as exc:  # a result, not a crash: every worker stops here (check_finite_loss)
+                diverged_at = i
+                print(f"histoweak: {cfg.name}: diverged at epoch {epoch} step {i} ({exc}); the run ends here")
+                break
             _maybe_inject_fault(epoch, rank)
             n += len(batch["image"] if "image" in batch else batch["label"])  # tiles, or slides
             if "slide_id" in batch and "x" in batch:  # the row keys are read only for HISTOWEAK_WORKER_TRACE (see fit)
@@ -225,7 +242,14 @@ def train_loop_per_worker(config: dict) -> None:
                                      "resumed_from_epoch": start_epoch, "lr": lr,
                                      # every rank's weights after this epoch's steps: equal on all ranks
                                      "param_checksum": float(sum(p.detach().double().sum().item()
-                                                                 for p in method.parameters()))}
+                                                                 for p in method.parameters())),
+                                     "diverged": float(diverged_at is not None)}
+        if diverged_at is not None:  # report without a checkpoint (the weights led to a non-finite loss) and end
+            metrics.update({"diverged_epoch": epoch, "diverged_step": diverged_at, sel: float("nan"),
+                            f"best_{sel}": float("nan") if best is None else best,
+                            "loop_seconds": time.perf_counter() - loop_start})
+            ray.train.report(metrics, checkpoint=None)
+            return metrics
         _maybe_trace_worker(epoch, rank, metrics["param_checksum"], rows)
         if rank == 0:
             metrics.update(evaluate(method, torch_batches(val_shard, batch_size=cfg.batch_size), "val"))
@@ -241,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 {k: v for k, v in config.items() if not k.startswith("_")})
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+    return metrics if start_epoch < cfg.epochs else None
 
 
 def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference: dict | None,
@@ -432,7 +457,13 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     best_ckpt = result.get_best_checkpoint(metric=sel, mode=mode) if result.best_checkpoints else result.checkpoint
     best_metrics = next((m for c, m in result.best_checkpoints if c.path == best_ckpt.path), {}) if best_ckpt else {}
     test, predictions = score_checkpoint(best_ckpt, tile_table, n_classes, "test") if best_ckpt else ({}, {})
-    return TrainOutcome(metrics=dict(result.metrics or {}), best=dict(best_metrics), test=test,
+    if predictions and len(predictions.get("tissue_ratio", ())):
+        from histoweak.report import metrics_at_tau
+
+        for tau in config.eval_taus:
+            test.update(metrics_at_tau(predictions, float(tau), f"test_tau{tau:g}"))
+    last = getattr(result, "return_value", None) or result.metrics or {}  # the last epoch's, diverged or not
+    return TrainOutcome(metrics=dict(last), best=dict(best_metrics), test=test,
                         checkpoint=best_ckpt.path if best_ckpt else None, path=str(result.path),
                         test_predictions=predictions,
                         checkpoints=[(c.path, dict(m)) for c, m in result.best_checkpoints], data_state=dict(plan.state))

@@ -245,7 +245,9 @@ def trial(config: dict, ctx: dict) -> None:
     try:
         out = fit(cfg, ctx["tile_table"], ctx["n_classes"], cpu_share=ctx["cpu_share"], gpu_share=ctx["gpu_share"],
                   callbacks=[MlflowMetricsCallback(run_id, uri), TuneReportCallback()])  # MLflow first: ASHA may stop the trial
-        final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan"))}
+        final = {**out.test, f"best_{space.metric}": out.best.get(space.metric, float("nan")),
+                 "diverged": float(out.metrics.get("diverged", 0.0))}
+        out.metrics.setdefault(space.metric, float("nan"))  # Tune checks every result for it
         tracking.log_metrics(run_id, final, step=cfg.epochs, uri=uri)
         checkpoint = _checkpoint_location(out.checkpoint, ctx["storage"])
         tracking.set_tags(run_id, {"best_checkpoint": checkpoint or ""}, uri)
@@ -394,14 +396,16 @@ def n_trials(space: SearchSpace) -> int:
 
 
 def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path = ".cache/ray_results",
-              progress: bool = True, stage2: bool = False, restart: bool = False, verbose: bool = False) -> list[dict]:
+              progress: bool = True, stage2: bool = False, restart: bool = False, verbose: bool = False,
+              data_params: dict[str, Any] | None = None) -> list[dict]:
     """Run (or resume) the sweep; returns the leaderboard rows, best first, and logs it to MLflow.
 
     It resumes only the sweep with the same identity (``plan_sweep``); ``restart`` discards that sweep's
     Ray results and runs it again. A resumed sweep recorded in another MLflow store (a changed
     ``MLFLOW_TRACKING_URI``, a deleted ``mlruns.db``) is recorded anew in this one, its finished trials
     copied from Ray Tune's own records. ``progress``: one bar for the sweep and one per running trial;
-    ``verbose``: Ray Tune's own status tables instead.
+    ``verbose``: Ray Tune's own status tables instead. ``data_params`` (e.g. ``{"data.shortcut": 0.8}``, the knobs of
+    a synthetic dataset) are logged on the sweep's run, where ``histoweak report --heatmap`` reads them.
     """
     import ray
     from ray import tune
@@ -447,7 +451,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
                                         {"search_space": space.source, "metric": space.metric, "mode": space.mode,
                                          "num_samples": space.num_samples, **_flat(space.train, "train."),
                                          **_flat(space.hparams, "hparams."),
-                                         **{f"space.{k}": v for k, v in space.params.items()}},
+                                         **{f"space.{k}": v for k, v in space.params.items()}, **(data_params or {})},
                                         {**tags, **({"copied_from_store": copied_from} if copied_from else {})}, uri)
         _storage.write_text(sweep_file, json.dumps(
             {"name": space.name, "identity": plan.identity, "runs": {**runs, store: parent_id},
@@ -672,6 +676,7 @@ def leaderboard(grid, space: SearchSpace) -> list[dict]:
                **{f"swept.{k}": r.config.get(k) for k in space.params},
                key: m[key], **{k: v for k, v in m.items() if k.startswith("test_")},
                "loop_seconds": m.get("loop_seconds"), "stopped_after_epoch": m.get("stopped_after_epoch"),
+               "diverged": m.get("diverged"),
                "mlflow_run_id": m.get("mlflow_run_id"),
                "best_checkpoint": m.get("best_checkpoint")}
         rows.append(row)

@@ -26,7 +26,7 @@ from histoweak import metrics as M
 
 __all__ = ["GROUP_NAMES", "METHODS", "DataPlan", "Hparams", "Method", "RunInfo", "Stream", "SweepContext", "TableSlice",
            "Task",
-           "average_gradients", "build_method", "check_hparams", "gather_across_workers", "mean_across_workers",
+           "OPTIMIZERS", "average_gradients", "build_method", "check_finite_loss", "check_hparams", "gather_across_workers", "mean_across_workers",
            "predict_split", "register_method", "tissue_groups", "to_device"]
 
 #: names of the groups ``tissue_groups`` returns, by index
@@ -124,6 +124,8 @@ class Hparams:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     amp: bool = True  # mixed precision, used on GPU only
+    optimizer: str | None = None  # "adam", "adamw" or "sgd"; None: the method's own (its paper's) choice
+    momentum: float = 0.9  # SGD's momentum (optimizer: sgd)
 
 
 @dataclass(frozen=True)
@@ -226,12 +228,21 @@ class SweepContext:
     log_artifact: Callable[[str], None] | None = None
 
 
+#: ``Hparams.optimizer`` values (``Method.make_optimizer``)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
 def check_hparams(cls: type[Hparams], values: dict[str, Any], method: str) -> Hparams:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"method {method!r}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
-    return cls(**values)
+    hp = cls(**values)
+    if hp.optimizer is not None and hp.optimizer not in OPTIMIZERS:
+        raise ValueError(f"method {method!r}: optimizer must be one of {list(OPTIMIZERS)} or null, got {hp.optimizer!r}")
+    if not 0.0 <= hp.momentum < 1.0:
+        raise ValueError(f"method {method!r}: momentum must be in [0, 1), got {hp.momentum}")
+    return hp
 
 
 def average_gradients(module: nn.Module) -> None:
@@ -325,6 +336,16 @@ def mean_across_workers(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= world
     return x
+
+
+def check_finite_loss(loss: torch.Tensor, method: str) -> None:
+    """Raise ``FloatingPointError`` when ``loss`` is not finite on this worker or on any other (one all-reduce
+    with 2+ workers), before any gradient reaches the weights: every worker stops at the same step, none waits
+    in a collective the others never reach. The training loop ends the run there as diverged."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=loss.device)
+    if float(mean_across_workers(bad)) > 0:
+        raise FloatingPointError(f"method {method!r}: non-finite loss {loss.item()}"
+                                 + ("" if float(bad) else " on another worker"))
 
 
 def to_device(batch: dict, device) -> dict:
@@ -478,7 +499,22 @@ class Method(nn.Module):
 
     # -- shared mechanics -----------------------------------------------------
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.make_optimizer(self.parameters(), "adamw")
+
+    def make_optimizer(self, params, default: str, **adam_kwargs) -> torch.optim.Optimizer:
+        """The optimizer ``hparams.optimizer`` names (``default``, the method's own, when it names none) over
+        ``params``, at ``hparams.lr`` and ``hparams.weight_decay``; SGD with ``hparams.momentum``.
+        ``adam_kwargs`` (e.g. ``betas``) go to Adam/AdamW only."""
+        hp = self.hparams
+        name = hp.optimizer or default
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+        return cls(params, lr=hp.lr, weight_decay=hp.weight_decay, **adam_kwargs)
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before each epoch's steps (also on resume), for schedules of the method's
+        own (e.g. PSCL's warm-up of the classifier before its contrastive loss). Default: nothing."""
 
     @property
     def device(self) -> torch.device:
@@ -493,8 +529,7 @@ class Method(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=use_amp):
             loss, logs = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"method {self.name!r}: non-finite loss {loss.item()}")
+        check_finite_loss(loss, self.name)
         if use_amp:
             self._scaler.scale(loss).backward()
             average_gradients(self)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from histoweak.methods.base import DataPlan, RunInfo, Stream, Task, average_gradients, register_method
+from histoweak.methods.base import (DataPlan, RunInfo, Stream, Task, average_gradients, check_finite_loss,
+                                    register_method)
 from histoweak.methods.erm import ERM
 
 __all__ = ["GERNE", "gerne_loss"]
@@ -118,8 +119,7 @@ class GERNE(ERM):
         g_b = torch.autograd.grad(loss_b, params, allow_unused=True)
         beta = self.hparams.beta
         loss = gerne_loss(loss_lb.detach(), loss_b.detach(), beta)
-        if not torch.isfinite(loss):  # as Method.step: refuse before any gradient reaches the weights
-            raise FloatingPointError(f"method {self.name!r}: non-finite loss {loss.item()}")
+        check_finite_loss(loss, self.name)  # as Method.step: refuse before any gradient reaches the weights
         for p, a, b in zip(params, g_lb, g_b):
             if a is not None:
                 p.grad = a + beta * (a - b) if b is not None else (1 + beta) * a

@@ -113,7 +113,7 @@ class MagNet(WholeSlideMethod):
                 self.aux.append(nn.ModuleDict({"net": net, "fc": nn.Linear(net.num_features, self.task.n_outputs)}))
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.make_optimizer(self.parameters(), "adam")
 
     # -- reading --------------------------------------------------------------------------------------
     def _read(self, paths, boxes: np.ndarray, size: int, views) -> tuple[torch.Tensor, list]:

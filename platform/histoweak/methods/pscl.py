@@ -110,12 +110,17 @@ class PSCL(Method):
         gate_threshold: float = 0.8
         feature_level: int = -1  # which encoder feature map carries the CAMs (-1: the last)
         max_pixels: int | None = 8192  # PSCL on a uniform sample of at most this many kept pixels
+        # epochs of the classification loss alone before PSCL joins (0: from the first step, as the thesis trains;
+        # its ablation, §5, found PSCL introduced after 5 classification epochs worse than training with it throughout)
+        warmup_epochs: int = 0
 
         def __post_init__(self):
             if self.lam < 0:
                 raise ValueError(f"method 'pscl': lam must be >= 0, got {self.lam}")
             if not 0 <= self.tau < 1:
                 raise ValueError(f"method 'pscl': tau must be in [0, 1), got {self.tau}")
+            if self.warmup_epochs < 0:
+                raise ValueError(f"method 'pscl': warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
     selection_metric = "val_miou"
     headline_metrics = ("test_miou", "test_fwiou")
@@ -172,6 +177,11 @@ class PSCL(Method):
         self.classifier = nn.Conv2d(self.encoder.channels[self.hparams.feature_level], self.task.n_outputs, 1)
         self.criterion = nn.MultiLabelSoftMarginLoss()
         self._pscl_generator = torch.Generator().manual_seed(0)
+        self._pscl_on = self.hparams.warmup_epochs == 0
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """PSCL joins the classification loss after ``warmup_epochs`` epochs."""
+        self._pscl_on = epoch >= self.hparams.warmup_epochs
 
     def _activations(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (N, K), activations A (N, K, h, w), features f (N, D, h, w))."""
@@ -198,7 +208,7 @@ class PSCL(Method):
         images = batch["image"]
         logits, a, f = self._activations(images)
         loss_cls = self.criterion(logits, self.task.targets(batch))
-        if self.hparams.lam == 0:
+        if self.hparams.lam == 0 or not self._pscl_on:
             return loss_cls, {"loss_cls": float(loss_cls.detach())}
         with torch.no_grad():  # pseudo-labels for the contrastive loss: no gradient through the CAMs
             cams = self.cams(logits, a).float()
@@ -235,6 +245,7 @@ class PSCL(Method):
         seg = SegmentationMetrics(self.task.n_classes)
         targets, probs = [], []
         hist = np.zeros((self.task.n_outputs, 20), np.int64)  # CAM values at each class's true pixels
+        covered = np.zeros(self.task.n_outputs, np.int64)  # a class's true pixels where its CAM exceeds tau
         samples: dict[str, list] = {"image": [], "mask": [], "pseudo": [], "cams": [], "key": []}
         for b in batches:
             b = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}
@@ -251,6 +262,7 @@ class PSCL(Method):
                 on = mask == k + 1
                 if on.any():
                     hist[k] += np.histogram(c[:, k][on], bins=20, range=(0, 1))[0]
+                    covered[k] += int((c[:, k][on] > self.hparams.tau).sum())
             keep_fixed_tiles(samples, b, {"image": _images_uint8(b["image"]), "mask": mask.astype(np.uint8),
                                           "pseudo": pseudo.cpu().numpy().astype(np.uint8),
                                           "cams": (c * 255).astype(np.uint8)})
@@ -260,7 +272,27 @@ class PSCL(Method):
             out.update({f"{prefix}_{k}": v for k, v in M.f1_scores(t, p).items()})
         if seg.cm.sum():
             out.update(seg.result(prefix, self.class_names))
+            out.update(self._cam_coverage(hist, covered, prefix))
         return out, {"cam_hist": hist, **samples}
+
+    def _cam_coverage(self, hist: np.ndarray, covered: np.ndarray, prefix: str) -> dict[str, float]:
+        """What PSCL is meant to change, per class c (thesis Fig. 5.1): ``<prefix>_coverage_<c>``, the share of c's
+        true pixels whose CAM_c exceeds tau (the mean over classes as ``<prefix>_coverage``); on test also the
+        CAM histogram at c's pixels in 10 bins, ``<prefix>_cam_hist_<c>_<b>`` = share in [b/10, (b+1)/10)."""
+        names = [self.class_names[k + 1] if self.class_names else str(k + 1) for k in range(len(hist))]
+        out, shares = {}, []
+        for k, name in enumerate(names):
+            n = hist[k].sum()
+            if not n:
+                continue
+            shares.append(covered[k] / n)
+            out[f"{prefix}_coverage_{name}"] = float(shares[-1])
+            if prefix == "test":
+                for b, v in enumerate(hist[k].reshape(10, -1).sum(1) / n):
+                    out[f"{prefix}_cam_hist_{name}_{b}"] = float(v)
+        if shares:
+            out[f"{prefix}_coverage"] = float(np.mean(shares))
+        return out
 
 
 class _FPNDecoder(nn.Module):

@@ -235,8 +235,7 @@ class SegCls(Method):
             self.pixel_weights.copy_(torch.as_tensor(state["class_weights"], dtype=torch.float32))
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999),
-                                weight_decay=self.hparams.weight_decay)
+        return self.make_optimizer(self.parameters(), "adam", betas=(0.9, 0.999))
 
     def segment_low(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H/8, W/8) segmentation logits before the final interpolation (the classifier's input)."""

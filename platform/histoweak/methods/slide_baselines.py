@@ -66,7 +66,7 @@ class MeanRGB(WholeSlideMethod):
         self.head = nn.Sequential(nn.BatchNorm1d(3, affine=False), nn.Linear(3, self.task.n_outputs))
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.make_optimizer(self.parameters(), "adam")
 
     def _features(self, reader):
         rgb, read = read_box(reader, (0.0, 0.0, 1.0), self.hparams.thumbnail)
@@ -104,7 +104,7 @@ class AttentionMIL(WholeSlideMethod):
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.make_optimizer(params, "adam")
 
     @torch.no_grad()
     def _features(self, reader):
