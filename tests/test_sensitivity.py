@@ -205,3 +205,33 @@ def test_a_diverging_trial_ends_as_a_result_of_the_sweep(tile_table, ray_local, 
     assert not any(k.startswith("test_") for k in div.data.metrics)
     assert children[ok["trial"]].data.metrics["diverged"] == 0.0
     assert os.path.isdir(ok["best_checkpoint"])
+
+
+def test_sensitivity_sweeps_run_seed_by_seed_one_per_knob_value():
+    from histoweak.sensitivity import sweep_names
+
+    assert sweep_names("gerne-sensitivity", "shortcut", [0.2, 0.5], [0, 1]) == [
+        "gerne-sensitivity-shortcut0.2-seed0", "gerne-sensitivity-shortcut0.5-seed0",
+        "gerne-sensitivity-shortcut0.2-seed1", "gerne-sensitivity-shortcut0.5-seed1"]
+
+
+@pytest.mark.slow  # 3 min: tiles a small gerne table, two trials, the heatmap; the pieces run in the default suite
+def test_sensitivity_job_runs_its_sweeps_and_logs_the_map(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "sensitivity_gerne.py"), "--smoke-test",
+                           "--shortcut", "0.8", "--no-progress"], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gerne-sensitivity-shortcut0.8-seed0" in proc.stdout and "1  " in proc.stdout  # the beta = 1 row
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("gerne-sensitivity-shortcut0.8-seed0")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["data.shortcut"] == "0.8"
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"heatmap_test_wga.png", "heatmap_test_wga.txt", "heatmap_test_tau0.03_wga.txt"} <= arts
+    assert (tmp_path / "report-gerne-sensitivity" / "heatmap_test_wga.png").stat().st_size > 1000

@@ -376,11 +376,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from histoweak.tune import run_sweep
 
     space = space_from_args(args)  # fails on a bad key before any work
-    table, n_classes = resolve_data(args.data or space.data, args.smoke_test, args.address)
+    data = args.data or space.data
+    table, n_classes = resolve_data(data, args.smoke_test, args.address)
+    knobs = parse_data_spec(data)[1] if data and data.startswith("synthetic:") else {}
     init_ray(args.address)
     request_cpus(args.cpus)
     try:
-        knobs = parse_data_spec(args.data or space.data)[1] if (args.data or space.data or "").startswith("synthetic:") else {}
         rows = run_sweep(space, table, n_classes, storage=args.storage, progress=not args.no_progress,
                          stage2=getattr(args, "stage2", False), restart=args.restart, verbose=args.verbose,
                          data_params={f"data.{k}": v for k, v in knobs.items()})
