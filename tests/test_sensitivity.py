@@ -159,7 +159,7 @@ def test_data_spec_names_a_preset_and_its_knobs(spec, preset, knobs):
 @pytest.mark.parametrize("spec,message", [
     ("synthetic:gerne?shortcut=2", r"'shortcut': must be in \[0, 1\], got 2"),
     ("synthetic:gerne?shortcutt=0.2", r"unknown knob\(s\) \['shortcutt'\] of preset 'gerne'; valid: \[.*'shortcut'"),
-    ("synthetic:gernee?shortcut=0.2", r"unknown synthetic preset 'gernee'"),
+    ("synthetic:gernee?shortcut=0.2", r"synthetic:gernee\?shortcut=0.2: unknown synthetic preset; valid: .*synthetic:gerne,"),
     ("synthetic:gerne?shortcut", r"give knobs as <knob>=<value>"),
 ])
 def test_bad_data_spec_fails_naming_the_problem(spec, message):

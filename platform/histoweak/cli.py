@@ -186,7 +186,7 @@ def parse_data_spec(data: str) -> tuple[str, dict]:
 
     name, _, query = data.removeprefix("synthetic:").partition("?")
     if name not in PRESETS and name not in PATCH_PRESETS:
-        raise ValueError(f"--data {data}: unknown synthetic preset {name!r}; valid: "
+        raise ValueError(f"--data {data}: unknown synthetic preset; valid: "
                          f"{', '.join('synthetic:' + p for p in sorted([*PRESETS, *PATCH_PRESETS]))}")
     knobs = {}
     for item in filter(None, query.split("&")):
