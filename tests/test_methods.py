@@ -12,7 +12,7 @@ from histoweak.methods import METHODS, build_method
 from histoweak.methods.base import RunInfo, Task
 
 #: metrics whose values are fractions, in [0, 1]: every metric a method's evaluation reports must be one of these
-UNIT_METRICS = re.compile(r"acc|bca|f1_micro|f1_macro|auroc|wga|gba|miou|miou_fg|fwiou|pixel_acc|iou_\w+")
+UNIT_METRICS = re.compile(r"acc|bca|f1_micro|f1_macro|auroc|wga|gba|miou|miou_fg|fwiou|pixel_acc|iou_\w+|coverage(_\w+)?")
 #: metrics in [-1, 1] (agreement beyond chance)
 SIGNED_METRICS = re.compile(r"kappa")
 #: what the predictors (not the generative models) are built for
