@@ -449,9 +449,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finished_runs(experiments: list[str]) -> tuple[list[dict], object]:
-    """The finished trials (``{"params", "metrics"}``) of the newest sweep of each experiment (one that has none
-    is skipped with a line), and the first sweep's MLflow run (None when no experiment has a sweep)."""
+def _finished_runs(experiments: list[str], keep=lambda c: c.info.status == "FINISHED") -> tuple[list[dict], object]:
+    """The trials ``keep`` accepts (default: the finished ones) of the newest sweep of each experiment (one that has
+    none is skipped with a line), as ``{"params", "metrics", "status"}`` with the sweep's ``data.*`` parameters (the
+    knobs of its synthetic data) merged into each trial's, and the first sweep's MLflow run (None without any)."""
     from histoweak import tracking
 
     runs, parent = [], None
@@ -462,7 +463,9 @@ def _finished_runs(experiments: list[str]) -> tuple[list[dict], object]:
             print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
             continue
         parent = parent or p
-        runs += [{"params": c.data.params, "metrics": c.data.metrics} for c in children if c.info.status == "FINISHED"]
+        data = {k: v for k, v in p.data.params.items() if k.startswith("data.")}
+        runs += [{"params": {**data, **c.data.params}, "metrics": c.data.metrics, "status": c.info.status}
+                 for c in children if keep(c)]
     return runs, parent
 
 
@@ -505,18 +508,8 @@ def _report_heatmap(experiments: list[str | None], knob: str | None, baseline: s
 
     if not knob:
         raise ValueError("--heatmap needs --knob, e.g. --knob hparams.beta")
-    runs, parent = [], None
-    for exp in experiments:
-        try:
-            p, children = tracking.latest_sweep(exp)
-        except ValueError as exc:
-            print(f"histoweak report: skipping {exp!r}: {exc}", file=sys.stderr)
-            continue
-        parent = parent or p
-        data = {k: v for k, v in p.data.params.items() if k.startswith("data.")}
-        runs += [{"params": {**data, **c.data.params}, "metrics": c.data.metrics, "status": c.info.status}
-                 for c in children if c.info.status in ("FINISHED", "FAILED")
-                 and any(k == "diverged" or k.startswith("test_") for k in c.data.metrics)]
+    runs, parent = _finished_runs(experiments, lambda c: c.info.status in ("FINISHED", "FAILED") and any(
+        k == "diverged" or k.startswith("test_") for k in c.data.metrics))
     if not runs:
         raise ValueError(f"no finished or failed runs with results in the newest sweeps of {experiments}")
     if not metrics:
