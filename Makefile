@@ -30,11 +30,17 @@ demo: install
 demo-data: install
 	$(BIN)/python jobs/demo.py
 
+# Tests run on a fresh temp root each time (pytest's, Ray's default root and address record, MLflow's, the
+# project's caches via HISTOWEAK_HOME): a step that only works because an earlier run left something in a temp
+# folder fails here first, as it would on a new machine. Short: Ray's socket paths live below it.
+FRESH := t=$$(mktemp -d /tmp/hwt.XXXXXX) && export TMPDIR=$$t RAY_TMPDIR=$$t HISTOWEAK_HOME=$$t/home &&
+CLEAN := ; rc=$$?; rm -rf $$t; exit $$rc
+
 test: install
-	$(PYTEST) -m "not slow" -q --durations=25
+	$(FRESH) $(PYTEST) -m "not slow" -q --durations=25 $(CLEAN)
 
 test-all: install
-	$(PYTEST) -q
+	$(FRESH) $(PYTEST) -q $(CLEAN)
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

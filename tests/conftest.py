@@ -23,17 +23,24 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """A real local Ray node (2 CPUs, loopback only) shared by the tests that need one."""
+    import shutil
+    import tempfile
+
     import ray
 
     from histoweak._ray import init_ray
 
-    os.environ["HISTOWEAK_RAY_TMP"] = "/tmp/hw-ray-tests"
+    # a new folder every session (under TMPDIR, which `make test` makes fresh per run): nothing an earlier run left
+    # in a temp folder is read; short, since Ray's socket paths live under it
+    temp = tempfile.mkdtemp(prefix="hw-ray-")
+    os.environ["HISTOWEAK_RAY_TMP"] = temp
     init_ray(num_cpus=2)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

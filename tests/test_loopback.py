@@ -74,7 +74,11 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
     """`ray start --head` as the README tells users, including the dashboard and job server."""
     # as after `. .venv/bin/activate`: the job's `python` is the head's environment's python
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "PATH": bindir + os.pathsep + os.environ["PATH"]}
+    # a new user's home, and no HISTOWEAK_HOME: submitted jobs choose where their results go by themselves
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "HISTOWEAK_HOME"}, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
+           "HOME": str(home), "PATH": bindir + os.pathsep + os.environ["PATH"]}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     temp, gcs = f"/tmp/hw-ray-head-{os.getpid()}", "127.0.0.1:6391"
     before = _ray_pids() | cluster_pids(temp, gcs)  # never stop what this test did not start
@@ -90,7 +94,10 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
         return {6391, 8271, 52466} <= {port for _, _, port in seen}, seen
 
     try:
-        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+        # as README says: a new user's `ray start` with token auth needs a token first
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr[-3000:]
         seen = wait_for(head_listening, "the head's GCS, dashboard and agent ports listening", timeout=120)
         assert all(is_loopback(ip) for _, ip, _ in seen), seen
         # and a job submitted to it the way the README says runs to completion
@@ -106,14 +113,14 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
         job = wait_for(submitted, "a job accepted by the head's agent", timeout=120)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         assert "tiles from 3/3 slides" in job.stdout
-        # the flagship PSCL sweep, submitted the same way, records into the MLflow store the submitter names
+        # the flagship PSCL sweep, submitted the same way, records into the MLflow store the submitter names; with
+        # no --storage, what it writes (results, checkpoints, the embedded dataset) outlives the job's package copy
         store = tmp_path / "mlruns.db"
-        storage = tmp_path / "ray_results"
         runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}})
-        job = subprocess.run([ray_bin, "job", "submit", "--address", "http://127.0.0.1:8271", "--working-dir",
-                              str(repo), "--runtime-env-json", runtime_env, "--", "python", "jobs/tune_pscl.py",
-                              "--smoke-test", "--stage2", "--no-progress", "--storage", str(storage)],
-                             env=env, capture_output=True, text=True, timeout=900, cwd=repo)
+        submit = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8271", "--working-dir", str(repo),
+                  "--runtime-env-json", runtime_env, "--", "python", "jobs/tune_pscl.py", "--smoke-test", "--stage2",
+                  "--no-progress"]
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900, cwd=repo)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         from mlflow.tracking import MlflowClient
 
@@ -125,9 +132,18 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
             assert r.info.status == "FINISHED" and {"val_miou", "test_miou", "test_fwiou"} <= set(r.data.metrics)
             arts = {a.path for a in client.list_artifacts(r.info.run_id)}
             assert {"test_cam_overlays.png", "test_cam_histogram.png"} <= arts
+            best = Path(r.data.tags["best_checkpoint"])
+            # the head's home (~/.histoweak), not Ray's session folder, which Ray deletes
+            assert best.is_relative_to(home / ".histoweak" / "ray_results") and (best / "state.pt").is_file(), best
+            assert not best.is_relative_to(temp)
         stage2 = [r for r in runs if r.info.run_name == "stage2"]
         assert len(stage2) == 1 and "test_miou" in stage2[0].data.metrics
+        storage = home / ".histoweak" / "ray_results"
         _check_pseudo_label_table(storage)
+        # the same command again resumes that sweep (same search space, data and code) instead of starting over
+        again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900, cwd=repo)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+        assert "resuming sweep" in again.stdout and "synthesizing" not in again.stdout, again.stdout[-3000:]
         # nothing the jobs started on the head listens beyond loopback either
         seen = listening(cluster_pids(temp, gcs) - before)
         assert all(is_loopback(ip) for _, ip, _ in seen), seen

@@ -28,6 +28,9 @@ CONSOLE_ENV = {
     # Ray's own deprecation notice about its own internals, twice per trial
     "PYTHONWARNINGS": "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options",
 }
+# A local Ray is one machine, which nothing preempts: Ray Train's preemption watcher (one actor per run, killed
+# at its end) would only print core_worker's "max_restarts > 0" error on every run's console. Clusters keep it.
+_LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _OURS: dict[str, str] = {}  # the variables this module set (and hands to every worker of the job)
 
 
@@ -78,14 +81,38 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
         return
     # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
     # CPUs of a trial stopped early by ASHA stay reserved and the next trial's Ray Data tasks never start.
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir or os.environ.get("HISTOWEAK_RAY_TMP"),
-        **common,
-    )
+    # That cleaner, like every Ray process that calls the State API without an address, finds its cluster
+    # through RAY_ADDRESS, else by scanning the machine for Ray's GCS processes: with two jobs on one machine
+    # (each with its own local Ray) the scan finds two and the cleaner dies ("Found multiple active Ray
+    # instances"), leaving a stopped trial's CPUs reserved for good. So the local Ray is fully addressed: its
+    # GCS port is chosen here (RAY_GCS_SERVER_PORT) and every worker process of the job gets RAY_ADDRESS (not
+    # this driver's environment: processes it starts, e.g. other jobs, must not join this Ray by accident).
+    chosen = "RAY_GCS_SERVER_PORT" not in os.environ
+    port = _free_port() if chosen else int(os.environ["RAY_GCS_SERVER_PORT"])
+    env = {**_OURS, "RAY_ADDRESS": f"127.0.0.1:{port}", **{k: v for k, v in _LOCAL_ENV.items() if k not in os.environ}}
+    common["runtime_env"] = {"env_vars": env}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",  # a new Ray, whatever RAY_ADDRESS says (it is unset here)
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir or os.environ.get("HISTOWEAK_RAY_TMP"),
+            **common,
+        )
+    finally:
+        if chosen:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _pin_ray_data_actors() -> None:

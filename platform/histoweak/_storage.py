@@ -25,10 +25,30 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "check_location", "exists", "filesystem", "is_remote", "join", "list_dir", "mtime", "name",
+__all__ = ["Location", "cache_dir", "check_location", "exists", "filesystem", "is_remote", "join", "list_dir", "mtime", "name",
            "parent", "read_bytes", "read_text", "remove_tree", "resolve", "staged_output", "uri_of", "write_text"]
 
 Location = Path | str
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where histoweak keeps what it makes by default: sweeps' results and checkpoints (``ray_results``), the
+    embedded datasets (``data``), a local cluster's files.
+
+    ``HISTOWEAK_HOME`` when set; else ``.cache`` in the working directory — unless that directory is the copy
+    Ray made of a job's ``--working-dir`` (under ``…/runtime_resources/working_dir_files/`` in Ray's session
+    folder), which belongs to one Ray session and which Ray deletes when it needs the space: then
+    ``~/.histoweak`` on the machine that runs the driver (the head, under ``ray job submit``), so a checkpoint
+    that MLflow names is still there when a user comes back for it.
+    """
+    home = os.environ.get("HISTOWEAK_HOME")
+    if home:
+        root = Path(home).expanduser()
+    elif "runtime_resources" in Path.cwd().resolve().parts:
+        root = Path.home() / ".histoweak"
+    else:
+        root = Path(".cache")
+    return root.joinpath(*parts).resolve()
 
 
 def is_remote(location: str | os.PathLike) -> bool:

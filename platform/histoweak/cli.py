@@ -84,9 +84,11 @@ def add_tune_arguments(p: argparse.ArgumentParser, default_space: str | None = N
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="fix a setting, e.g. --set hparams.backbone=resnet50 --set train.epochs=10 (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="repeat every configuration with seeds 0..N-1")
-    p.add_argument("--storage", default=".cache/ray_results",
+    p.add_argument("--storage", default=None,
                    help="Ray Tune/Train results, one directory per sweep identity: a directory, or a URI every node "
-                        "sees on a cluster (s3://bucket/prefix)")
+                        "sees on a cluster (s3://bucket/prefix); default: $HISTOWEAK_HOME/ray_results, else "
+                        ".cache/ray_results here, or ~/.histoweak/ray_results when run from a copy Ray made of a "
+                        "submitted job's --working-dir")
     p.add_argument("--restart", action="store_true",
                    help="start this sweep afresh, discarding its earlier Ray results (default: resume it when the "
                         "search space, data and code are the same)")

@@ -16,6 +16,7 @@ Ray 2.60; without the first three the workers start and are killed as "launch fa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["FAKE_HEAD_TYPE", "cluster_pids", "fake_cluster_config", "loopback_multinode", "start_local_cluster",
+__all__ = ["FAKE_HEAD_TYPE", "LoopbackCluster", "cluster_pids", "fake_cluster_config", "loopback_multinode", "start_local_cluster",
            "stop_local_cluster"]
 
 FAKE_HEAD_TYPE = "ray.head.default"  # the type the fake provider gives its head node
@@ -109,6 +110,9 @@ def start_local_cluster(cluster_yaml: str | Path, temp_dir: str | Path, port: in
     if agent_ports:
         cmd += [f"--dashboard-agent-listen-port={agent_ports[0]}", f"--dashboard-agent-grpc-port={agent_ports[1]}",
                 f"--runtime-env-agent-port={agent_ports[2]}", f"--metrics-export-port={agent_ports[3]}"]
+    if env.get("RAY_AUTH_MODE") == "token":  # `ray start` refuses to start without one (a new machine has none)
+        subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, capture_output=True, check=True,
+                       timeout=60)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:
         raise RuntimeError(f"ray start failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -180,38 +184,162 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class NodeRef:
+    """A node of a ``LoopbackCluster``, by its Ray node id."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+    def __repr__(self) -> str:
+        return f"NodeRef({self.node_id[:12]}…)"
+
+
+class LoopbackCluster:
+    """A multi-node Ray cluster on 127.0.0.1 hosted by a helper process (``python -m histoweak.local_cluster``).
+
+    The helper owns ``ray.cluster_utils.Cluster``; this process only sends it commands. Hosting it here
+    instead would make Ray's utility take over this process's own Ray state (a ``ray.init`` of this
+    process dies at its next call), so a test process that also runs a local Ray can use both in any order.
+    """
+
+    def __init__(self, proc: subprocess.Popen, ready: dict):
+        self._proc = proc
+        self.address: str = ready["address"]
+        self.webui_url: str | None = ready["webui_url"]
+        self.temp: str = ready["temp"]
+        self.head_node = NodeRef(ready["head"])
+        self.worker_nodes: list[NodeRef] = [NodeRef(n) for n in ready["workers"]]
+
+    def _ask(self, **command) -> dict:
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"the loopback cluster's helper exited with {self._proc.returncode}")
+        self._proc.stdin.write(json.dumps(command) + "\n")
+        self._proc.stdin.flush()
+        reply = json.loads(self._proc.stdout.readline() or '{"error": "the helper closed its output"}')
+        if "error" in reply:
+            raise RuntimeError(f"loopback cluster: {command['op']}: {reply['error']}")
+        return reply
+
+    def add_node(self, **node) -> NodeRef:
+        """Start one more node (``node``: ``Cluster.add_node``'s arguments, default 1 CPU) and wait until it is up."""
+        ref = NodeRef(self._ask(op="add_node", node=node)["node_id"])
+        self.worker_nodes.append(ref)
+        return ref
+
+    def remove_node(self, node: NodeRef, allow_graceful: bool = True) -> None:
+        """Stop ``node``'s processes (``allow_graceful=False``: killed, as a lost machine)."""
+        self._ask(op="remove_node", node_id=node.node_id, allow_graceful=allow_graceful)
+        self.worker_nodes = [n for n in self.worker_nodes if n.node_id != node.node_id]
+
+    def wait_for_nodes(self) -> None:
+        """Every node is registered with the head (``add_node`` already waits for its node)."""
+        self._ask(op="wait_for_nodes")
+
+    def close(self, timeout: float = 120) -> None:
+        """Stop every node and the helper."""
+        if self._proc.poll() is None:
+            try:
+                self._ask(op="stop")
+            except (RuntimeError, OSError, ValueError):
+                pass
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            stream.close()
+
+
 @contextlib.contextmanager
 def loopback_multinode(workers: int = 2, temp_dir: str | None = None, dashboard: bool = True, **node):
-    """A head and ``workers`` worker nodes on 127.0.0.1 (``ray.cluster_utils.Cluster``), each with ``node``'s
-    resources (default 1 CPU); yields the ``Cluster`` (``.address``, ``.add_node``, ``.remove_node``) with
-    ``.temp`` set, and removes every node at the end.
+    """A head and ``workers`` worker nodes on 127.0.0.1, each with ``node``'s resources (default 1 CPU), in a
+    helper process; yields a ``LoopbackCluster`` (``.address``, ``.webui_url``, ``.temp``, ``.worker_nodes``,
+    ``.add_node``, ``.remove_node``) and stops every node at the end.
 
-    Ray's utility records the cluster as the machine's latest (``/tmp/ray/ray_current_cluster``), where any
-    ``ray.init()`` without an address would find and join it; the record is put back as it was.
+    Ray's utility records the cluster as the machine's latest in its default temp root, where any
+    ``ray.init()`` without an address would find and join it. The helper points that root
+    (``RAY_TMPDIR``) at the cluster's own folder, so the machine's record is never read or written, and the
+    cluster works on a machine where Ray's default temp root does not exist yet.
     """
-    from ray.cluster_utils import Cluster
+    import tempfile
 
-    args = {**_NODE, **node}
-    temp = temp_dir or f"/tmp/hw-mn-{os.getpid()}"  # short: Ray's socket paths live under it
-    current = Path("/tmp/ray/ray_current_cluster")
-    before = current.read_text() if current.exists() else None
-    head = {**args, "gcs_server_port": _free_port(), "temp_dir": temp, "include_dashboard": dashboard}
-    if dashboard:
-        head.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(), dashboard_agent_listen_port=_free_port(),
-                    metrics_export_port=_free_port(), runtime_env_agent_port=_free_port())
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    if before is None:
-        current.unlink(missing_ok=True)
-    else:
-        current.write_text(before)
-    cluster.temp = temp
+    temp = temp_dir or tempfile.mkdtemp(prefix="hw-mn-")  # short: Ray's socket paths live under it
+    spec = {"workers": workers, "temp": temp, "dashboard": dashboard, "node": node}
+    proc = subprocess.Popen([sys.executable, "-m", "histoweak.local_cluster", json.dumps(spec)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    ready = json.loads(line) if line.startswith("{") else {"error": f"no answer (exit {proc.wait()})"}
+    if "error" in ready:
+        proc.kill()
+        raise RuntimeError(f"loopback cluster did not start: {ready['error']}")
+    cluster = LoopbackCluster(proc, ready)
     try:
-        for _ in range(workers):
-            cluster.add_node(**args)
-        cluster.wait_for_nodes()
         yield cluster
     finally:
+        cluster.close()
+        if temp_dir is None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _serve(spec: dict) -> None:
+    """The helper process: start the cluster, then answer one JSON command per input line."""
+    os.environ["RAY_TMPDIR"] = spec["temp"]  # Ray's address record goes to the cluster's folder (see above)
+    import ray._common.utils
+    from ray.cluster_utils import Cluster
+
+    Path(ray._common.utils.get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
+    args = {**_NODE, **spec["node"]}
+    head = {**args, "gcs_server_port": _free_port(), "temp_dir": spec["temp"], "include_dashboard": spec["dashboard"]}
+    if spec["dashboard"]:
+        head.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(), dashboard_agent_listen_port=_free_port(),
+                    metrics_export_port=_free_port(), runtime_env_agent_port=_free_port())
+    out = sys.stdout
+    sys.stdout = sys.stderr  # only replies go to the output
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        nodes = {}
+        for _ in range(spec["workers"]):
+            n = cluster.add_node(**args)
+            nodes[n.node_id] = n
+        cluster.wait_for_nodes()
+    except Exception as exc:  # noqa: BLE001 — reported to the caller, which raises it
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), file=out, flush=True)
+        return
+
+    def reply(**value):
+        print(json.dumps(value), file=out, flush=True)
+
+    reply(address=cluster.address, webui_url=cluster.webui_url if spec["dashboard"] else None, temp=spec["temp"],
+          head=cluster.head_node.node_id, workers=list(nodes))
+    try:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            try:
+                if cmd["op"] == "add_node":
+                    n = cluster.add_node(**{**args, **cmd["node"]})
+                    cluster.wait_for_nodes()
+                    nodes[n.node_id] = n
+                    reply(node_id=n.node_id)
+                elif cmd["op"] == "remove_node":
+                    cluster.remove_node(nodes.pop(cmd["node_id"]), allow_graceful=cmd["allow_graceful"])
+                    reply(ok=True)
+                elif cmd["op"] == "wait_for_nodes":
+                    cluster.wait_for_nodes()
+                    reply(ok=True)
+                elif cmd["op"] == "stop":
+                    break
+                else:
+                    reply(error=f"unknown op {cmd['op']!r}")
+            except Exception as exc:  # noqa: BLE001
+                reply(error=f"{type(exc).__name__}: {exc}")
+    finally:  # stdin closed (the caller died) or stop: no node outlives the helper
         for n in list(cluster.worker_nodes):
             cluster.remove_node(n, allow_graceful=False)
         if cluster.head_node is not None:
             cluster.remove_node(cluster.head_node, allow_graceful=False)
+        reply(ok=True)
+
+
+if __name__ == "__main__":
+    _serve(json.loads(sys.argv[1]))

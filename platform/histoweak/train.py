@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from ray.train.v2.api.callback import UserCallback
 
+from histoweak._storage import cache_dir
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
 from histoweak.data.schema import tile_keys
 from histoweak._ray import verbose
@@ -93,7 +94,7 @@ class TrainConfig:
     placement_strategy: str = "PACK"
     max_failures: int = 2
     name: str = "histoweak-train"
-    storage_path: str = str(Path(".cache/ray_results").resolve())
+    storage_path: str = field(default_factory=lambda: str(cache_dir("ray_results")))
     worker_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):

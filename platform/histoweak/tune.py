@@ -395,7 +395,7 @@ def n_trials(space: SearchSpace) -> int:
     return n
 
 
-def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path = ".cache/ray_results",
+def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path | None = None,
               progress: bool = True, stage2: bool = False, restart: bool = False, verbose: bool = False,
               data_params: dict[str, Any] | None = None) -> list[dict]:
     """Run (or resume) the sweep; returns the leaderboard rows, best first, and logs it to MLflow.
@@ -412,6 +412,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
 
     from histoweak import figures, tracking
 
+    storage = _storage.cache_dir("ray_results") if storage is None else storage
     if (stage2 or space.before) and _storage.is_remote(storage):
         step = "--stage2" if stage2 else "a search space with a `before:` section"
         raise ValueError(f"{step} with --storage {storage}: the method's steps around the trials write their tables "

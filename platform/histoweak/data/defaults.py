@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from histoweak._storage import cache_dir
+
 __all__ = ["PATCH_PRESETS", "SLIDE_PRESETS", "default_slide_table", "default_tile_table", "n_classes_of"]
 
 #: embedded patch datasets (class-per-folder PNGs, imported with the `folder` source): name -> writer kwargs
@@ -21,7 +23,7 @@ _TILING = {"default": dict(tile_size=224, min_tissue=0.5), "tiny": dict(tile_siz
            "wsss": dict(tile_size=128, min_tissue=0.3)}
 
 
-def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default", **overrides) -> Path:
+def default_tile_table(cache: str | Path | None = None, preset: str = "default", **overrides) -> Path:
     """Path to the tiled synthetic ``preset`` under ``cache`` (synthesized and tiled when missing).
 
     ``overrides`` change knobs of the preset (e.g. ``shortcut=0.8``) and get a cache directory of their own.
@@ -49,15 +51,16 @@ def default_tile_table(cache: str | Path = ".cache/data", preset: str = "default
     return tiles
 
 
-def _cache_root(cache: str | Path, preset: str, overrides: dict) -> Path:
+def _cache_root(cache: str | Path | None, preset: str, overrides: dict) -> Path:
     """The cache directory of ``preset`` with ``overrides``: its synthetic slides and the tables made from them."""
     def word(v) -> str:  # a tuple knob (splits) without spaces or brackets in the directory name
         return "_".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
-    return Path(cache).resolve() / "-".join([preset, *(f"{k}{word(v)}" for k, v in sorted(overrides.items()))])
+    base = cache_dir("data") if cache is None else Path(cache).resolve()
+    return base / "-".join([preset, *(f"{k}{word(v)}" for k, v in sorted(overrides.items()))])
 
 
-def default_slide_table(cache: str | Path = ".cache/data", preset: str = "camelyon", **overrides) -> Path:
+def default_slide_table(cache: str | Path | None = None, preset: str = "camelyon", **overrides) -> Path:
     """Path to the synthetic ``preset`` as a slide table under ``cache`` (synthesized and written when missing).
 
     The slides are synthesized into ``<cache>/<preset…>/slides`` (shared with ``default_tile_table``) and the

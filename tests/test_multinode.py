@@ -3,10 +3,9 @@
 checkpoints in shared storage; losing a whole worker node mid-run costs a restart from the last checkpoint,
 not the run; a sweep whose driver is restarted resumes from shared storage.
 
-Drivers run as subprocesses with ``RAY_ADDRESS`` set, as ``ray job submit`` would run them; this process
-only starts and kills nodes. The module's name makes it run last: after ``ray.cluster_utils.Cluster`` has
-started nodes in the test process, that process's own Ray (the session's ``ray_local``) dies at its next call
-(measured: pytest exited with status 1 in the next test that used Ray), so no test may come after it.
+Drivers run as subprocesses with ``RAY_ADDRESS`` set, as ``ray job submit`` would run them. The cluster lives
+in a helper process (``loopback_multinode``), so this process's own Ray (the session's ``ray_local``) is
+untouched and these tests run in any order with the others.
 """
 
 from __future__ import annotations
