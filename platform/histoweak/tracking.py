@@ -25,10 +25,32 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}"
 
 
+_OPENED: set[str] = set()  # the SQLite stores this process has opened (created if new) under the lock
+
+
 def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return MlflowClient(tracking_uri=uri)
+    # Two jobs that create the same new SQLite store at once (two terminals, one project directory) race in
+    # MLflow's schema migration, and one dies ("Online migration expected to match one row", "table … already
+    # exists"): a process's first client of a store is made holding a lock on the store's folder (the client
+    # opens the store, creating and migrating a new one), so one job creates it and the other finds it made.
+    import fcntl
+
+    folder = Path(uri[len("sqlite:///"):]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    finally:
+        os.close(fd)  # releases the lock
+    _OPENED.add(uri)
+    return client
 
 
 #: The experiment tag MLflow's UI keeps an experiment's kind in, and our kind: model training (runs,
