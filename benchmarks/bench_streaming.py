@@ -9,6 +9,11 @@ function, so the comparison is about the pipelines:
   ``torch_batches`` (``iter_torch_batches``), consumed by the driver.
 - ceiling: a bare decode loop over all images on every core
   (``multiprocessing.Pool``), no batching or transfer.
+- shuffled, as training streams (every epoch in a random order): ``DataLoader(shuffle=True,
+  num_workers=2)`` over the same dataset (a random row per item, so the row-group cache of one row
+  group misses: it reads a row group per tile, as a plain map-style dataset does), against histoweak's
+  ``EpochShuffle`` (row groups in a random order, rows shuffled within windows of 1024 rows, read
+  through a bounded row-group cache and decoded by two threads in the consuming process).
 
 They run on PNG tiles and on JPEG tiles (decoding ~3x cheaper, so the pipeline's own costs show more), and
 with a training-shaped consumer: one model step (forward, backward, SGD on a small timm CNN, random
@@ -95,12 +100,15 @@ def model_step():
     return step
 
 
-def dataloader(root: Path, batch: int, train: bool = False) -> int:
+def dataloader(root: Path, batch: int, train: bool = False, shuffle: bool = False) -> int:
+    import torch
     from torch.utils.data import DataLoader
 
     step = model_step() if train else None
     n = 0
-    for imgs, _ in DataLoader(_ParquetTiles(root), batch_size=batch, num_workers=2, shuffle=False):
+    loader = DataLoader(_ParquetTiles(root), batch_size=batch, num_workers=2, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(0))
+    for imgs, _ in loader:
         n += len(imgs)
         if step:
             step(imgs)
@@ -117,6 +125,29 @@ def histoweak_stream(root: Path, batch: int, train: bool = False) -> int:
         if step:
             step(b["image"])
     return n
+
+
+def shuffled_stream(root: Path, batch: int, train: bool = False) -> int:
+    """The training stream as a worker reads it: one epoch of ``EpochShuffle`` (no Ray needed)."""
+    from histoweak.data.streaming import EpochShuffle, ParquetRows
+
+    step = model_step() if train else None
+    n = 0
+    for b in EpochShuffle(ParquetRows(str(root), None, ["image", "tissue_ratio"]), seed=0).batches(0, batch, False):
+        n += len(b["image"])
+        if step:
+            step(b["image"])
+    return n
+
+
+def ray_data_shuffled(root: Path, batch: int) -> int:
+    """Ray Data's own shuffle, the alternative measured: a random block order (one block per row group) and a
+    local shuffle buffer of 1024 rows. Not the training stream: with several workers, which rows reach which
+    worker follows Ray Data's timing, so a rerun or a resumed run does not see the same order."""
+    from histoweak.data.streaming import read_tiles, torch_batches
+
+    ds = read_tiles(str(root), columns=["image", "tissue_ratio"]).randomize_block_order(seed=0)
+    return sum(len(b["image"]) for b in torch_batches(ds, batch_size=batch, shuffle_buffer=1024, seed=0))
 
 
 def _decode_file(path: str) -> int:
@@ -158,7 +189,11 @@ def main(argv=None) -> dict:
     for fmt, root in roots.items():
         measured[("ceiling", fmt)] = best(ceiling, root)
         measured[("dataloader", fmt)] = best(dataloader, root, args.batch)
+        measured[("dataloader-shuffled", fmt)] = best(dataloader, root, args.batch, False, True)
+        measured[("shuffled", fmt)] = best(shuffled_stream, root, args.batch)
     measured[("dataloader", "train")] = best(dataloader, roots["png"], args.batch, True)
+    measured[("dataloader-shuffled", "train")] = best(dataloader, roots["png"], args.batch, True, True)
+    measured[("shuffled", "train")] = best(shuffled_stream, roots["png"], args.batch, True)
 
     from histoweak._ray import init_ray
 
@@ -170,6 +205,7 @@ def main(argv=None) -> dict:
     for fmt, root in roots.items():
         measured[("histoweak", fmt)] = best(histoweak_stream, root, args.batch)
     measured[("histoweak", "train")] = best(histoweak_stream, roots["png"], args.batch, True)
+    measured[("raydata-shuffled", "png")] = best(ray_data_shuffled, roots["png"], args.batch)
     rate = {k: n / t for k, (n, t) in measured.items()}
     rows = []
     for fmt in ("png", "jpeg"):
@@ -182,12 +218,32 @@ def main(argv=None) -> dict:
             {"pipeline": f"{fmt.upper()}: ceiling, bare decode loop on all cores", "images": measured[("ceiling", fmt)][0],
              "img/s": ce, "vs DataLoader": ce / dl, "vs ceiling": 1.0},
         ]
+        sdl, sh = rate[("dataloader-shuffled", fmt)], rate[("shuffled", fmt)]
+        rows += [
+            {"pipeline": f"{fmt.upper()} shuffled: DataLoader(shuffle=True, num_workers=2) (baseline)",
+             "images": measured[("dataloader-shuffled", fmt)][0], "img/s": sdl, "vs DataLoader": 1.0,
+             "vs ceiling": sdl / ce},
+            {"pipeline": f"{fmt.upper()} shuffled: histoweak EpochShuffle (the training stream)",
+             "images": measured[("shuffled", fmt)][0], "img/s": sh, "vs DataLoader": sh / sdl, "vs ceiling": sh / ce,
+             "vs unshuffled": sh / hw},
+        ]
+        if ("raydata-shuffled", fmt) in rate:
+            rd = rate[("raydata-shuffled", fmt)]
+            rows.append({"pipeline": f"{fmt.upper()} shuffled: Ray Data randomize_block_order + 1024-row buffer",
+                         "images": measured[("raydata-shuffled", fmt)][0], "img/s": rd, "vs DataLoader": rd / sdl,
+                         "vs ceiling": rd / ce, "vs unshuffled": rd / hw})
     dl_t, hw_t = rate[("dataloader", "train")], rate[("histoweak", "train")]
     rows += [
         {"pipeline": "PNG + model step: DataLoader (baseline)", "images": measured[("dataloader", "train")][0],
          "img/s": dl_t, "vs DataLoader": 1.0},
         {"pipeline": "PNG + model step: histoweak", "images": measured[("histoweak", "train")][0], "img/s": hw_t,
          "vs DataLoader": hw_t / dl_t},
+        {"pipeline": "PNG shuffled + model step: DataLoader(shuffle=True) (baseline)",
+         "images": measured[("dataloader-shuffled", "train")][0], "img/s": rate[("dataloader-shuffled", "train")],
+         "vs DataLoader": 1.0},
+        {"pipeline": "PNG shuffled + model step: histoweak EpochShuffle", "images": measured[("shuffled", "train")][0],
+         "img/s": rate[("shuffled", "train")],
+         "vs DataLoader": rate[("shuffled", "train")] / rate[("dataloader-shuffled", "train")]},
     ]
     report("streaming", rows, {"tiles": f"{args.tile}px, {measured[('ceiling', 'png')][0]} per table", "batch": args.batch,
                                "model step": "mobilenetv3_small_050, SGD, random weights",
@@ -196,7 +252,12 @@ def main(argv=None) -> dict:
             "vs_ceiling": rate[("histoweak", "png")] / rate[("ceiling", "png")],
             "jpeg_vs_dataloader": rate[("histoweak", "jpeg")] / rate[("dataloader", "jpeg")],
             "jpeg_vs_ceiling": rate[("histoweak", "jpeg")] / rate[("ceiling", "jpeg")],
-            "train_vs_dataloader": hw_t / dl_t}
+            "train_vs_dataloader": hw_t / dl_t,
+            "shuffled_vs_dataloader": rate[("shuffled", "png")] / rate[("dataloader-shuffled", "png")],
+            "shuffled_vs_ceiling": rate[("shuffled", "png")] / rate[("ceiling", "png")],
+            "shuffled_vs_unshuffled": rate[("shuffled", "png")] / rate[("histoweak", "png")],
+            "jpeg_shuffled_vs_dataloader": rate[("shuffled", "jpeg")] / rate[("dataloader-shuffled", "jpeg")],
+            "shuffled_train_vs_dataloader": rate[("shuffled", "train")] / rate[("dataloader-shuffled", "train")]}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--betas", type=float, nargs="+", default=[-0.5, 0.0, 0.5, 1.0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--no-shuffle", action="store_true",
+                    help="stream training rows in file order (train.shuffle: false), as every run did before epochs were shuffled: the before of a before/after")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.taus, args.betas, args.epochs, args.steps = 1, [0.1], [0.5], 2, 15
@@ -52,6 +54,7 @@ def main(argv=None) -> dict:
     n_classes = n_classes_of(table)
     init_ray()
     common = dict(target="class:1", epochs=args.epochs, steps_per_epoch=args.steps, batch_size=32,
+                  shuffle=not args.no_shuffle,
                   storage_path=str(Path(".cache/bench_gerne").resolve()))
     hp = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "lr": 1e-3}
     stamp = time.strftime("%H%M%S")
@@ -103,6 +106,7 @@ def main(argv=None) -> dict:
     shortcut = args.shortcut if args.shortcut is not None else "preset default (0.5)"
     text = format_table1(cells, args.taus, title=f"GERNE vs ERM, synthetic 'gerne' preset, shortcut={shortcut}")
     name = "gerne_vs_erm" + ("_quick" if args.quick else "") + ("" if args.shortcut is None else f"_shortcut{args.shortcut}")
+    name += "_noshuffle" if args.no_shuffle else ""
     gains = {tau: float(np.mean([w for w, _ in cells[("gerne", "val_wga")][tau]])
                         - np.mean([w for w, _ in cells[("erm", "val_wga")][tau]])) for tau in args.taus}
     report(name, rows, {"minutes": (time.perf_counter() - t_start) / 60, "table1": "\n" + text,

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-stage2", action="store_true")
+    ap.add_argument("--no-shuffle", action="store_true",
+                    help="stream training rows in file order (train.shuffle: false), as every run did before epochs were shuffled: the before of a before/after")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.steps, args.no_stage2 = 1, 2, 15, True
@@ -57,7 +59,7 @@ def main(argv=None) -> dict:
         for seed in range(args.seeds):
             cfg = TrainConfig(method="pscl", target="labels", hparams={**HP, "lam": lam}, seed=seed,
                               epochs=args.epochs, steps_per_epoch=args.steps, batch_size=16,
-                              name=f"pscl-l{lam}-s{seed}-{stamp}", storage_path=str(storage))
+                              shuffle=not args.no_shuffle, name=f"pscl-l{lam}-s{seed}-{stamp}", storage_path=str(storage))
             out = fit(cfg, table, n_classes)
             outcomes[(lam, seed)] = out
             rows.append({"arm": "CAM baseline" if lam == 0 else "PSCL", "lambda": lam, "seed": seed,
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
             pseudo = write_pseudo_labels(ck, table, str(storage / f"pseudo-l{lam}-{stamp}"), n_classes)
             cfg = TrainConfig(method="pscl-seg", target="mask", hparams={"stage1": ck, "loss": "nr", "lr": 1e-3},
                               epochs=args.epochs, steps_per_epoch=args.steps, batch_size=16,
-                              name=f"pscl-seg-l{lam}-{stamp}", storage_path=str(storage))
+                              shuffle=not args.no_shuffle, name=f"pscl-seg-l{lam}-{stamp}", storage_path=str(storage))
             out = fit(cfg, str(pseudo), n_classes)
             stage2[lam] = out.test
             rows.append({"arm": ("CAM baseline" if lam == 0 else "PSCL") + " + stage 2 (NR loss)", "lambda": lam,
@@ -90,7 +92,7 @@ def main(argv=None) -> dict:
     gain = np.mean([outcomes[(args.lam, s)].test["test_miou"] - outcomes[(0.0, s)].test["test_miou"]
                     for s in range(args.seeds)]) * 100
     name = ("pscl_vs_cam" + ("_quick" if args.quick else "") + ("" if args.partial is None else f"_partial{args.partial}")
-            + ("" if args.lam == 0.1 else f"_lam{args.lam:g}"))
+            + ("" if args.lam == 0.1 else f"_lam{args.lam:g}") + ("_noshuffle" if args.no_shuffle else ""))
     report(name, rows, {"partial": args.partial if args.partial is not None else "preset default (0.7)",
                         "seeds": args.seeds, "mIoU gain (points, mean over seeds)": gain,
                         "goal": "PSCL >= baseline + 3 mIoU points", "table": "\n" + "\n".join(lines),

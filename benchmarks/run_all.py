@@ -51,6 +51,10 @@ def main() -> None:
     print(f"streaming: histoweak / DataLoader = {streaming['vs_dataloader']:.2f}x (goal >= 1.0x), "
           f"of ceiling = {streaming['vs_ceiling']:.0%} (goal >= 80%); JPEG tiles {streaming['jpeg_vs_dataloader']:.2f}x, "
           f"{streaming['jpeg_vs_ceiling']:.0%} of ceiling; with a model step per batch {streaming['train_vs_dataloader']:.2f}x")
+    print(f"streaming, shuffled (the training stream): EpochShuffle / DataLoader(shuffle=True) = "
+          f"{streaming['shuffled_vs_dataloader']:.2f}x (goal >= 1.0x), of ceiling = {streaming['shuffled_vs_ceiling']:.0%} "
+          f"(goal >= 80%), vs the unshuffled stream {streaming['shuffled_vs_unshuffled']:.2f}x; JPEG "
+          f"{streaming['jpeg_shuffled_vs_dataloader']:.2f}x; with a model step {streaming['shuffled_train_vs_dataloader']:.2f}x")
     print(f"a million tiles: stream {scale['steady_img_s']:.0f} img/s, first batch {scale['first_batch_s']:.1f} s; "
           f"driver peak RSS {scale['driver_peak_rss_mb']:.0f} MB, Ray workers {scale['workers_peak_uss_mb']:.0f} MB "
           f"(USS); balanced sampler {scale['sampler_img_s']:.0f} img/s, driver peak "

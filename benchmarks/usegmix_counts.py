@@ -84,6 +84,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--diffusion-count", type=int, default=12, help="synthetic tiles per class with the DDPM")
+    ap.add_argument("--no-shuffle", action="store_true",
+                    help="stream training rows in file order (train.shuffle: false), as every run did before epochs were shuffled: the before of a before/after")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds = 1
@@ -101,13 +103,14 @@ def main(argv=None) -> dict:
     init_ray()
     space = load_search_space(ROOT / "search_spaces" / "usegmix.yaml")
     n = 24  # the originals per class
-    space = space.with_overrides({"name": "usegmix-bench", "train.epochs": args.epochs})
+    space = space.with_overrides({"name": "usegmix-bench" + ("-noshuffle" if args.no_shuffle else ""),
+                                  "train.epochs": args.epochs, "train.shuffle": not args.no_shuffle})
     space = space.with_params({"hparams.synthetic_per_class": {"grid": [0, n, 2 * n]},
                                "train.seed": {"grid": list(range(args.seeds))}})
     t0 = time.perf_counter()
     parent, runs = _sweep(space, table, n_classes, space.name)
     sweep_s = time.perf_counter() - t0
-    cutmix = space.with_overrides({"name": "usegmix-bench-cutmix", "before": {}, "hparams.mix": "cutmix",
+    cutmix = space.with_overrides({"name": space.name + "-cutmix", "before": {}, "hparams.mix": "cutmix",
                                    "hparams.synthetic_per_class": 0})
     _, cut_runs = _sweep(cutmix, table, n_classes, cutmix.name)
     cells = usegmix_cells(runs + cut_runs)
@@ -156,7 +159,7 @@ def main(argv=None) -> dict:
              for k in (n, 2 * n)}
     gains["cutmix"] = 100 * (mean_of((backbone, "cutmix"), "test_f1_macro") - mean_of((backbone, 0), "test_f1_macro"))
     notes.update({f"F1 macro gain vs no synthesis, {k} (points)": v for k, v in gains.items()})
-    report("usegmix_counts", rows, notes)
+    report("usegmix_counts" + ("_noshuffle" if args.no_shuffle else ""), rows, notes)
     return {"gains": gains, "kid": {r["image set"]: r["KID x1000"] for r in rows}}
 
 

@@ -51,7 +51,8 @@ from histoweak._storage import cache_dir
 from histoweak.checkpoint import load_checkpoint, save_checkpoint
 from histoweak.data.schema import tile_keys
 from histoweak._ray import verbose
-from histoweak.data.streaming import (BalancedSampler, ParquetRows, ResourcePlan, add_column, apply_resource_plan,
+from histoweak.data.streaming import (DEFAULT_SHUFFLE_BUFFER, BalancedSampler, EpochShuffle, ParquetRows, ResourcePlan,
+                                      add_column, apply_resource_plan,
                                       augment_dataset, plan_resources, read_split_meta, read_tiles, stain_batch,
                                       stain_normalize_dataset, torch_batches)
 from histoweak.methods import METHODS, build_method
@@ -78,6 +79,10 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap, for smoke tests and quick sweeps
     augment: bool = True
     seed: int = 0
+    # every epoch visits the training rows in an order fixed by (seed, epoch) (data.streaming.EpochShuffle); false
+    # keeps the table's file order (slide by slide, class by class): for tests of the stream only
+    shuffle: bool = True
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows shuffled together (whole row groups); >= the split: uniform
     # learning rate per epoch, any method: {"name": "cosine" | "cosine_restarts" | "poly", ...} (histoweak.schedules)
     lr_schedule: dict[str, Any] | None = None
     group_tau: float | None = None  # groups (y, [r_tissue >= tau]) for WGA and balanced streams (GERNE)
@@ -107,6 +112,10 @@ class TrainConfig:
             bad("epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             bad("batch_size", f"must be >= 1, got {self.batch_size}")
+        if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 1:
+            bad("shuffle_buffer", f"must be a whole number of rows >= 1, got {self.shuffle_buffer!r}")
+        if not isinstance(self.shuffle, bool):
+            bad("shuffle", f"must be true or false, got {self.shuffle!r}")
         if self.num_workers is not None and self.num_workers < 1:
             bad("num_workers", f"must be >= 1, got {self.num_workers}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
@@ -206,7 +215,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         start_epoch, best = state["epoch"] + 1, state["best"]
 
     plan = config["_plan"]
-    train_shard = ray.train.get_dataset_shard("train") if plan.main is None else None
+    shuffled = _shuffled_stream(cfg, config, rank, ctx.get_world_size()) if plan.main is None and cfg.shuffle else None
+    train_shard = ray.train.get_dataset_shard("train") if plan.main is None and shuffled is None else None
     val_shard = ray.train.get_dataset_shard("val")
     sel, mode = cfg.select or method.selection_metric, method.selection_mode
     streams = _sampled_streams(plan, method, cfg, rank, config.get("stain_reference"), config.get("_sampled"))
@@ -217,7 +227,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
         lr = apply_lr(method.optimizer, cfg.lr_schedule, epoch, cfg.epochs)
         method.on_epoch_start(epoch, cfg.epochs)
         diverged_at = None
-        if plan.main is None:
+        if shuffled is not None:
+            batches = shuffled.batches(epoch, cfg.batch_size)
+        elif plan.main is None:  # train.shuffle false: the table's file order
             batches = torch_batches(train_shard, batch_size=cfg.batch_size, drop_last=True)
         else:  # the method draws its main batch too (e.g. from a subset of the tiles): a fixed number of steps
             batches = (next(streams[""]) for _ in range(plan.steps_per_epoch))
@@ -269,6 +281,16 @@ def train_loop_per_worker(config: dict) -> dict | None:
     return metrics if start_epoch < cfg.epochs else None
 
 
+def _shuffled_stream(cfg: TrainConfig, config: dict, rank: int, world: int) -> EpochShuffle:
+    """The main training stream, shuffled per epoch (``EpochShuffle``), read on this worker from the tile table."""
+    import functools
+
+    reference = config.get("stain_reference")
+    return EpochShuffle(config["_sampled"], seed=cfg.seed, rank=rank, world=world, buffer_rows=cfg.shuffle_buffer,
+                        augment=cfg.augment, group_fn=config.get("_group_fn"),
+                        transform=functools.partial(stain_batch, reference=reference) if reference else None)
+
+
 def _sampled_streams(plan, method, cfg: TrainConfig, rank: int, stain_reference: dict | None,
                      rows: ParquetRows | None) -> dict:
     """The batch iterators of the plan's sampled streams (key "" = the main batch), drawn on this worker from
@@ -300,6 +322,9 @@ def _maybe_inject_fault(epoch: int, rank: int) -> None:
     kill_at, marker = os.environ.get("HISTOWEAK_FAULT_KILL_AT_EPOCH"), os.environ.get("HISTOWEAK_FAULT_MARKER")
     if kill_at is not None and marker and int(kill_at) == epoch and rank == 0 and not os.path.exists(marker):
         Path(marker).touch()
+        # mid-epoch, after the controller took the last epoch's report (it polls the workers every few seconds;
+        # a worker killed before that loses the report and its checkpoint, and the run restarts from the one before)
+        time.sleep(5)
         os.kill(os.getpid(), 9)
 
 
@@ -431,9 +456,14 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     if config.group_tau is not None:
         groups = _group_fn(config, n_classes)
         train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
-    if plan.main is not None or plan.extra:  # every worker reads the rows it draws itself: only the files travel
+    shuffled = plan.main is None and config.shuffle
+    if plan.main is not None or plan.extra or shuffled:  # every worker reads its rows itself: only the files travel
         loop_config["_sampled"] = ParquetRows(tile_table, "train", cols, plan.more_train)
-    if plan.main is None:
+    if shuffled and config.group_tau is not None:
+        loop_config["_group_fn"] = _group_fn(config, n_classes)
+    if plan.main is None and not shuffled:
+        print(f"histoweak: warning: {config.name}: train.shuffle is false: every epoch streams the training rows "
+              "in the table's file order (slide by slide or class by class)", flush=True)
         datasets["train"] = train_ds
     run_config = ray.train.RunConfig(
         name=config.name, storage_path=config.storage_path,

@@ -29,6 +29,8 @@ from histoweak.slides.tiling import decode_image
 
 __all__ = [
     "DEFAULT_COLUMNS",
+    "DEFAULT_SHUFFLE_BUFFER",
+    "EpochShuffle",
     "ResourcePlan",
     "TorchCollate",
     "apply_resource_plan",
@@ -47,6 +49,7 @@ __all__ = [
     "stain_batch",
     "stain_normalize_dataset",
     "torch_batches",
+    "windowed_permutation",
 ]
 
 DEFAULT_COLUMNS = ("image", "mask", "labels", "label", "tissue_ratio", "group", "slide_id")
@@ -400,6 +403,117 @@ DEFAULT_CACHE_BYTES = 256 << 20  # ParquetRows' row-group cache
 MAX_OPEN_FILES = 16  # ParquetRows keeps this many Parquet files open (footer read once)
 
 
+def windowed_permutation(units: np.ndarray, rng: np.random.Generator, window: int) -> np.ndarray:
+    """A random order of rows that reads each unit (row group) about once: the units in a random order, and the
+    rows shuffled within each window of ``window`` consecutive units of that order.
+
+    With every row in one window it is a uniform permutation. Otherwise it is a two-level shuffle (as a
+    shuffled block order with a local shuffle buffer gives), with one difference that matters for tests and
+    resumes: it depends on ``rng`` alone, never on when blocks arrive.
+
+    Parameters
+    ----------
+    units : (N,) int, the unit of each row (any ids)
+    rng : the generator; draws one permutation of the units, then one of the rows
+    window : units per window, >= 1
+
+    Returns
+    -------
+    (N,) int64, a permutation of ``0..N-1``
+    """
+    _, unit_of = np.unique(np.asarray(units), return_inverse=True)
+    n_units = int(unit_of.max()) + 1 if len(unit_of) else 0
+    window_of = np.empty(n_units, np.int64)
+    window_of[rng.permutation(n_units)] = np.arange(n_units) // window
+    return np.lexsort((rng.permutation(len(unit_of)), window_of[unit_of]))
+
+
+DEFAULT_SHUFFLE_BUFFER = 1024  # rows shuffled together in the training stream (whole row groups; see EpochShuffle)
+
+
+class EpochShuffle:
+    """One worker's part of the training stream: each epoch visits every training row once over all workers, in
+    an order fixed by ``(seed, epoch)`` and nothing else.
+
+    The epoch's order is ``windowed_permutation`` of all rows under ``default_rng([seed, epoch])``: row groups
+    in a random order, rows shuffled within windows of row groups that hold about ``buffer_rows`` rows (a
+    table smaller than that is one uniform permutation). Worker ``rank`` of ``world`` takes every
+    ``world``-th row of it, so all workers step the same number of batches; the ``N mod world`` rows at the
+    end of the order, and with ``drop_last`` each worker's last partial batch, wait for another epoch (they
+    differ from epoch to epoch). Nothing here depends on scheduling: a rerun, a resumed run and any number of
+    Ray nodes see the same rows in the same order, and the same augmentation (seeded per batch).
+
+    Rows are read in this process through the row source (``ParquetRows``: the row index, 8 bytes a row, and a
+    bounded row-group cache — a window's row groups fit in the default cache for tiles up to ~250 KB
+    encoded) and decoded by ``threads`` threads (the codecs release the GIL), ``prefetch`` batches ahead.
+
+    Parameters
+    ----------
+    source : ``ParquetRows`` or ``TableRows`` of the training split
+    seed : the run's seed (``train.seed``)
+    rank, world : this worker and the number of workers
+    buffer_rows : rows shuffled together (``train.shuffle_buffer``)
+    augment : random flips, rot90 and colour jitter, seeded by (seed, epoch, rank, batch)
+    transform : numpy batch -> numpy batch after decoding, before augmentation (stain normalisation)
+    group_fn : numpy batch -> (N,) int, the ``group`` column of every batch (the run's tissue groups)
+    """
+
+    def __init__(self, source, seed: int = 0, rank: int = 0, world: int = 1,
+                 buffer_rows: int = DEFAULT_SHUFFLE_BUFFER, augment: bool = False, transform=None, group_fn=None,
+                 threads: int = 2, prefetch: int = 4):
+        if not 0 <= rank < world:
+            raise ValueError(f"shuffled stream: rank {rank} is not one of {world} workers")
+        if buffer_rows < 1:
+            raise ValueError(f"shuffled stream: buffer_rows must be >= 1, got {buffer_rows}")
+        self.source, self.seed, self.rank, self.world = source, int(seed), rank, world
+        self.augment, self.transform, self.group_fn = augment, transform, group_fn
+        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        units = source.units
+        per_unit = len(units) / max(len(np.unique(units)), 1)
+        self.window = max(1, math.ceil(buffer_rows / per_unit))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """(N,) every row's position in epoch ``epoch``'s order (all workers)."""
+        return windowed_permutation(self.source.units, np.random.default_rng([self.seed, epoch]), self.window)
+
+    def rows(self, epoch: int) -> np.ndarray:
+        """This worker's rows of epoch ``epoch``, in order."""
+        order = self.order(epoch)
+        return order[: len(order) // self.world * self.world][self.rank::self.world]
+
+    def batches(self, epoch: int, batch_size: int, drop_last: bool = True) -> Iterator[dict]:
+        """Torch batches (as ``torch_batches`` makes them) of this worker's rows of epoch ``epoch``."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        mine = self.rows(epoch)
+        stop = len(mine) // batch_size * batch_size if drop_last else len(mine)
+        parts = [mine[i:i + batch_size] for i in range(0, stop, batch_size)]
+        collate = TorchCollate()
+
+        def make(step: int) -> dict:
+            batch = decode_tiles(self.source.take(parts[step]))
+            if self.group_fn is not None:
+                batch["group"] = np.asarray(self.group_fn(batch)).astype(np.int64)
+            if self.transform is not None:
+                batch = self.transform(batch)
+            if self.augment:
+                batch = augment_batch(batch, seed=[self.seed, epoch, self.rank, step])
+            return collate(batch)
+
+        pool = ThreadPoolExecutor(self.threads)
+        ahead: deque = deque()
+        try:
+            for step in range(len(parts)):
+                while len(ahead) < self.prefetch and step + len(ahead) < len(parts):
+                    ahead.append(pool.submit(make, step + len(ahead)))
+                yield ahead.popleft().result()
+        finally:  # a consumer that stops early (steps_per_epoch) leaves no batch decoding behind
+            for f in ahead:
+                f.cancel()
+            pool.shutdown(wait=True)
+
+
 class BalancedSampler:
     """Batches with a fixed share of rows per stratum (GERNE's less-biased batch B_lb, a method's subsets), drawn exactly.
 
@@ -482,13 +596,8 @@ class BalancedSampler:
         return {g: len(r) for g, r in self.rows.items()}
 
     def _pass(self, g: int) -> np.ndarray:
-        """Every row of group ``g`` once: its row groups in a random order, rows shuffled within each window of
-        ``window`` consecutive row groups of that order."""
-        rows, unit_of = self.rows[g], self._unit_of[g]
-        n_units = int(unit_of[-1]) + 1  # numbered 0.. in row order
-        window_of = np.empty(n_units, np.int64)
-        window_of[self.rng.permutation(n_units)] = np.arange(n_units) // self.window
-        return rows[np.lexsort((self.rng.permutation(len(rows)), window_of[unit_of]))]
+        """Every row of group ``g`` once (``windowed_permutation`` of its rows)."""
+        return self.rows[g][windowed_permutation(self._unit_of[g], self.rng, self.window)]
 
     def _draw(self, g: int, k: int) -> list[np.ndarray]:
         out = []
@@ -600,6 +709,9 @@ class ParquetRows:
         self._reset()
 
     def _reset(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()  # take() from several threads (EpochShuffle's decoders, samplers)
         self._index: tuple[np.ndarray, ...] | None = None
         self._cache: OrderedDict[int, tuple[pa.Table, int]] = OrderedDict()
         self._open: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
@@ -628,6 +740,10 @@ class ParquetRows:
 
     def take(self, idx: np.ndarray, hidden: Sequence[str] = ()) -> pa.Table:
         """Rows ``idx`` (positions), in that order, without ``hidden``: read by row group, through the cache."""
+        with self._lock:
+            return self._take(idx, hidden)
+
+    def _take(self, idx: np.ndarray, hidden: Sequence[str]) -> pa.Table:
         _, _, unit_of, row_of = self._locations()
         units, rows = unit_of[idx], row_of[idx]
         order = np.argsort(units, kind="stable")
