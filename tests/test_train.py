@@ -112,6 +112,7 @@ def test_killed_worker_restarts_from_its_checkpoint(tile_table, ray_local, tmp_p
     assert out.metrics["resumed_from_epoch"] == 1  # restarted from epoch 0's checkpoint, not from scratch
 
 
+@pytest.mark.slow  # 56 s: `make test` checks the same resume (and its epoch's order) in test_shuffle.py
 def test_rerun_with_the_same_name_resumes(tile_table, ray_local, tmp_path):
     first = _cfg(tmp_path, epochs=1, num_workers=1)
     fit(first, str(tile_table), n_classes=5)
