@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["LOOPBACK_ENV", "RayDataConsoleFilter", "configure_console", "init_ray", "release_cpus", "request_cpus",
+__all__ = ["LOOPBACK_ENV", "RayDataConsoleFilter", "configure_console", "free_loopback_port", "init_ray", "release_cpus", "request_cpus",
            "verbose"]
 
 # Measured on Ray 2.60: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 a local node binds the
@@ -88,7 +88,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     # GCS port is chosen here (RAY_GCS_SERVER_PORT) and every worker process of the job gets RAY_ADDRESS (not
     # this driver's environment: processes it starts, e.g. other jobs, must not join this Ray by accident).
     chosen = "RAY_GCS_SERVER_PORT" not in os.environ
-    port = _free_port() if chosen else int(os.environ["RAY_GCS_SERVER_PORT"])
+    port = free_loopback_port() if chosen else int(os.environ["RAY_GCS_SERVER_PORT"])
     env = {**_OURS, "RAY_ADDRESS": f"127.0.0.1:{port}", **{k: v for k, v in _LOCAL_ENV.items() if k not in os.environ}}
     common["runtime_env"] = {"env_vars": env}
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
@@ -107,7 +107,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
             del os.environ["RAY_GCS_SERVER_PORT"]
 
 
-def _free_port() -> int:
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     import socket
 
     with socket.socket() as s:

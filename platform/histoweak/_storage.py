@@ -32,8 +32,8 @@ Location = Path | str
 
 
 def cache_dir(*parts: str) -> Path:
-    """Where histoweak keeps what it makes by default: sweeps' results and checkpoints (``ray_results``), the
-    embedded datasets (``data``), a local cluster's files.
+    """Where histoweak keeps what it makes by default: sweeps' results and checkpoints (``ray_results``) and the
+    embedded datasets (``data``).
 
     ``HISTOWEAK_HOME`` when set; else ``.cache`` in the working directory — unless that directory is the copy
     Ray made of a job's ``--working-dir`` (under ``…/runtime_resources/working_dir_files/`` in Ray's session

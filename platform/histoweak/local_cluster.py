@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from histoweak._ray import free_loopback_port
+
 __all__ = ["FAKE_HEAD_TYPE", "LoopbackCluster", "cluster_pids", "fake_cluster_config", "loopback_multinode", "start_local_cluster",
            "stop_local_cluster"]
 
@@ -176,14 +178,6 @@ def stop_local_cluster(temp_dir: str | Path, timeout: float = 15) -> int:
 _NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 150 * 2**20}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class NodeRef:
     """A node of a ``LoopbackCluster``, by its Ray node id."""
 
@@ -290,10 +284,10 @@ def _serve(spec: dict) -> None:
 
     Path(ray._common.utils.get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     args = {**_NODE, **spec["node"]}
-    head = {**args, "gcs_server_port": _free_port(), "temp_dir": spec["temp"], "include_dashboard": spec["dashboard"]}
+    head = {**args, "gcs_server_port": free_loopback_port(), "temp_dir": spec["temp"], "include_dashboard": spec["dashboard"]}
     if spec["dashboard"]:
-        head.update(dashboard_host="127.0.0.1", dashboard_port=_free_port(), dashboard_agent_listen_port=_free_port(),
-                    metrics_export_port=_free_port(), runtime_env_agent_port=_free_port())
+        head.update(dashboard_host="127.0.0.1", dashboard_port=free_loopback_port(), dashboard_agent_listen_port=free_loopback_port(),
+                    metrics_export_port=free_loopback_port(), runtime_env_agent_port=free_loopback_port())
     out = sys.stdout
     sys.stdout = sys.stderr  # only replies go to the output
     try:

@@ -460,7 +460,7 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     if plan.main is not None or plan.extra or shuffled:  # every worker reads its rows itself: only the files travel
         loop_config["_sampled"] = ParquetRows(tile_table, "train", cols, plan.more_train)
     if shuffled and config.group_tau is not None:
-        loop_config["_group_fn"] = _group_fn(config, n_classes)
+        loop_config["_group_fn"] = groups
     if plan.main is None and not shuffled:
         print(f"histoweak: warning: {config.name}: train.shuffle is false: every epoch streams the training rows "
               "in the table's file order (slide by slide or class by class)", flush=True)
