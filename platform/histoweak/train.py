@@ -446,25 +446,25 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     manifest = manifest_of(tile_table)
     loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes, "class_names": manifest.get("classes"),
                    "tiling": manifest.get("params"), "data_state": plan.state, "stain_reference": stain, "_plan": plan}
-    train_ds = read_tiles(tile_table, split="train", columns=cols, more=plan.more_train)
-    val_ds = read_tiles(tile_table, split="val", columns=_eval_columns(method_cls))
-    if stain:  # fixed decoding-time transform: before augmentation
-        train_ds, val_ds = stain_normalize_dataset(train_ds, stain), stain_normalize_dataset(val_ds, stain)
-    train_ds = augment_dataset(train_ds) if config.augment else train_ds
     sel, mode = config.select or method_cls.selection_metric, method_cls.selection_mode
-    datasets = {"val": val_ds}
-    if config.group_tau is not None:
-        groups = _group_fn(config, n_classes)
-        train_ds, datasets["val"] = add_column(train_ds, "group", groups), add_column(val_ds, "group", groups)
+    groups = _group_fn(config, n_classes) if config.group_tau is not None else None
+
+    def stream(split: str, columns: list[str], **kw):  # a Ray Data stream: stain (fixed, before augmentation), groups
+        ds = read_tiles(tile_table, split=split, columns=columns, **kw)
+        ds = stain_normalize_dataset(ds, stain) if stain else ds
+        return ds if groups is None else add_column(ds, "group", groups)
+
+    datasets = {"val": stream("val", _eval_columns(method_cls))}
     shuffled = plan.main is None and config.shuffle
     if plan.main is not None or plan.extra or shuffled:  # every worker reads its rows itself: only the files travel
         loop_config["_sampled"] = ParquetRows(tile_table, "train", cols, plan.more_train)
-    if shuffled and config.group_tau is not None:
+    if shuffled and groups is not None:
         loop_config["_group_fn"] = groups
     if plan.main is None and not shuffled:
         print(f"histoweak: warning: {config.name}: train.shuffle is false: every epoch streams the training rows "
               "in the table's file order (slide by slide or class by class)", flush=True)
-        datasets["train"] = train_ds
+        train_ds = stream("train", cols, more=plan.more_train)
+        datasets["train"] = augment_dataset(train_ds) if config.augment else train_ds
     run_config = ray.train.RunConfig(
         name=config.name, storage_path=config.storage_path,
         failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
