@@ -257,6 +257,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                      "param_checksum": float(sum(p.detach().double().sum().item()
                                                                  for p in method.parameters())),
                                      "diverged": float(diverged_at is not None)}
+        # the method's other per-step logs (GERNE's loss_b, PSCL's loss_pscl, pscl_grad_ratio): their epoch means
+        for key in dict.fromkeys(k for l in logs for k in l if k != "loss"):
+            metrics[f"train_{key}"] = float(np.mean([l[key] for l in logs if key in l]))
         if diverged_at is not None:  # report without a checkpoint (the weights led to a non-finite loss) and end
             metrics.update({"diverged_epoch": epoch, "diverged_step": diverged_at, sel: float("nan"),
                             f"best_{sel}": float("nan") if best is None else best,

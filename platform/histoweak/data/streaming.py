@@ -399,6 +399,31 @@ def shares(batch_size: int, weights: Sequence[float]) -> list[int]:
     return [int(x) for x in k]
 
 
+class ShareSchedule:
+    """Rows per stream in successive batches of ``batch_size``: the first batch is ``shares(batch_size,
+    weights)``; each later one rounds its quota plus what earlier batches were owed (largest remainder), so over
+    any run of batches every stream gets its exact quota to within two rows. A stream whose quota is under half a
+    row still gets rows (one every few batches), where rounding each batch alone would give it none for ever."""
+
+    def __init__(self, batch_size: int, weights: Sequence[float]):
+        shares(batch_size, weights)  # validates
+        w = np.asarray(weights, np.float64)
+        self.batch_size, self.quota = batch_size, batch_size * w / w.sum()
+        self.owed = np.zeros_like(self.quota)  # quota not yet drawn (in (-1, 1) after every batch)
+
+    def next(self) -> list[int]:
+        exact = self.quota + self.owed
+        k = np.floor(np.maximum(exact, 0.0)).astype(int)
+        left = self.batch_size - int(k.sum())
+        if left > 0:  # the rows still missing go to the largest remainders
+            k[np.argsort(-(exact - k), kind="stable")[:left]] += 1
+        elif left < 0:  # over by a row or so (streams owed rows went below zero): the most over-served give one back
+            over = np.flatnonzero(k > 0)
+            k[over[np.argsort(exact[over] - k[over], kind="stable")[:-left]]] -= 1
+        self.owed = exact - k
+        return [int(x) for x in k]
+
+
 DEFAULT_CACHE_BYTES = 256 << 20  # ParquetRows' row-group cache
 MAX_OPEN_FILES = 16  # ParquetRows keeps this many Parquet files open (footer read once)
 
@@ -517,7 +542,7 @@ class EpochShuffle:
 class BalancedSampler:
     """Batches with a fixed share of rows per stratum (GERNE's less-biased batch B_lb, a method's subsets), drawn exactly.
 
-    Each batch draws ``shares(batch_size, weights)`` rows of each group without
+    Each batch draws ``ShareSchedule(batch_size, weights)`` rows of each group without
     replacement (a group starts a new pass when used up, so rare groups are
     oversampled), then decodes and augments only those rows. Drawing locally
     keeps every batch's group counts exact and costs one decode per row used,
@@ -625,14 +650,14 @@ class BalancedSampler:
         if missing:
             raise ValueError(f"balanced stream: no rows in group(s) {missing}; groups present: {self.counts}")
         order = sorted(weights)
-        share = shares(batch_size, [weights[g] for g in order])
-        groups = np.repeat(np.asarray(order, np.int64), share)
+        schedule = ShareSchedule(batch_size, [weights[g] for g in order])
         collate = TorchCollate()
         made = 0
         while n_batches is None or made < n_batches:
+            share = schedule.next()
             idx = np.concatenate([part for g, k in zip(order, share) for part in self._draw(g, k)])
             batch = decode_tiles(self.source.take(idx, self.hidden))
-            batch["group"] = groups.copy()
+            batch["group"] = np.repeat(np.asarray(order, np.int64), share)
             if self.transform is not None:
                 batch = self.transform(batch)
             if self.augment:
