@@ -40,7 +40,7 @@ def main() -> None:
     scale = bench_scale.main([])  # a million 64-px JPEG tiles, ~2.5 min (the table is generated once, ~10 s)
     ray.shutdown()
     train = bench_train.main(["--trials", "4"] if quick else [])
-    gerne = gerne_vs_erm.main(["--quick"])  # the full Table 1: python benchmarks/gerne_vs_erm.py
+    gerne = gerne_vs_erm.main(["--quick"])  # the Table 1 and the (c, beta) map: python benchmarks/gerne_vs_erm.py
     pscl_cam = pscl_vs_cam.main(["--quick"])  # the full comparison: python benchmarks/pscl_vs_cam.py
     segcls = segcls_settings.main(["--quick"])  # the full Fig. 5 / Table D.5: python benchmarks/segcls_settings.py
     usegmix = usegmix_counts.main(["--quick"])  # the full Table 1 + KID: python benchmarks/usegmix_counts.py
@@ -61,10 +61,10 @@ def main() -> None:
           f"{scale['sampler_driver_peak_rss_mb']:.0f} MB; group counts {scale['group_counts_s']:.1f} s")
     print(f"training: Ray Train / plain PyTorch steps/s = {train['train_ratio']:.2f}x (goal >= 0.9x)")
     print(f"sweep: wall time / sum of trial training time = {train['sweep_ratio']:.2f}x")
-    print(f"gerne step: fused / ERM on as many images = {gerne_step['fused_vs_erm']:.2f}x (goal <= 1.15x); "
-          f"naive two-backward / fused = {gerne_step['naive_vs_fused']:.2f}x")
-    print("gerne vs erm (short form): " + ", ".join(f"test WGA gain at tau={t:g}: {100 * g:+.1f} points"
-                                                    for t, g in gerne["wga_gain"].items()))
+    print(f"gerne step: GERNE (two forward passes) / ERM on as many images = {gerne_step['gerne_vs_erm']:.2f}x "
+          "(goal <= 1.15x)")
+    print("gerne vs resampling (short form): " + ", ".join(f"test WGA gain at tau={t:g}: {100 * g:+.1f} points"
+                                                           for t, g in gerne["wga_gain"].items()))
     print(f"pscl vs cam (short form): pseudo-label test mIoU gain {pscl_cam['miou_gain']:+.1f} points (goal >= +3)")
     print("segcls (short form): S+C - S, test F1 macro: " + ", ".join(f"{g:+.1f} points at s={s:g} %" for s, g in
                                                                    segcls["gain"].items())

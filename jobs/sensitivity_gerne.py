@@ -1,5 +1,6 @@
-"""Where does GERNE's beta help? beta x learning rate x 3 seeds, one sweep per `shortcut` strength of the `gerne`
-preset (search_spaces/gerne-sensitivity.yaml), then the map of test WGA gain over beta = 0 (tau 0.1 and 0.03).
+"""Where does GERNE's beta help? beta (at c = 1: beta = 0 is resampling, the grid ends under the Eq. 9 bound) x
+learning rate x 3 seeds, one sweep per `shortcut` strength of the `gerne` preset
+(search_spaces/gerne-sensitivity.yaml), then the map of test WGA gain over beta = 0 (tau 0.1 and 0.03).
 
     ray job submit --working-dir . -- python jobs/sensitivity_gerne.py [--shortcut 0.2 0.5 0.8] [--seeds 3]
         [--resnet50 /path/resnet50.pth] [--smoke-test] [--report-only]

@@ -1,8 +1,11 @@
-"""Sweep GERNE (search_spaces/gerne.yaml) against the tissue-size shortcut; optionally the ERM baselines too.
+"""Sweep GERNE (search_spaces/gerne.yaml) against the tissue-size shortcut; optionally the baselines too: ERM
+(search_spaces/gerne-erm.yaml) and group-balanced resampling (GERNE at c = 1, beta = 0:
+search_spaces/gerne-resampling.yaml).
 
-    ray job submit --working-dir . -- python jobs/tune_gerne.py [--data TILES] [--with-erm] [--seeds 3] [--smoke-test]
+    ray job submit --working-dir . -- python jobs/tune_gerne.py [--data TILES] [--with-erm] [--with-resampling]
+        [--seeds 3] [--smoke-test]
 
-Then `histoweak report --table1` prints the paper's Table 1 from both sweeps.
+Then `histoweak report --table1` prints the paper's Table 1 from the sweeps, with a resampling row.
 """
 
 import argparse
@@ -19,13 +22,17 @@ def main() -> int:
     parser.add_argument("--with-erm", action="store_true", help="also run search_spaces/gerne-erm.yaml (Table 1's ERM rows)")
     parser.add_argument("--erm-space", default=str(spaces / "gerne-erm.yaml"),
                         help="the ERM search space run with --with-erm")
+    parser.add_argument("--with-resampling", action="store_true",
+                        help="also run search_spaces/gerne-resampling.yaml (c = 1, beta = 0: the resampling row)")
     args = parser.parse_args()
 
     def both(args):
         code = cmd_tune(args)
-        if args.with_erm and code == 0:
-            args.search_space = args.erm_space
-            code = cmd_tune(args)
+        for wanted, space in ((args.with_erm, args.erm_space),
+                              (args.with_resampling, str(spaces / "gerne-resampling.yaml"))):
+            if wanted and code == 0:
+                args.search_space = space
+                code = cmd_tune(args)
         return code
 
     return run_command(both, args, "tune_gerne")

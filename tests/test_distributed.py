@@ -41,8 +41,8 @@ TARGETS = ("class:1", "labels", "mask")
 TINY = {"backbone": "test_resnet", "weights": None}  # timm's 0.37 M-parameter ResNet: strides 2..32, BatchNorm
 SIZE = 64  # PSCL's last feature map is then 2×2: 16 pixels to contrast in a batch of 4
 RTOL = 1e-5
-#: variants with a gradient path of their own: GERNE's two-pass step, PSCL's pixel sample (the same on every worker)
-VARIANTS = {"gerne naive": ("gerne", "class:1", {"fused": False}), "pscl sampled": ("pscl", "labels", {"max_pixels": 8})}
+#: variants with a gradient path of their own: PSCL's pixel sample (the same on every worker)
+VARIANTS = {"pscl sampled": ("pscl", "labels", {"max_pixels": 8})}
 
 
 #: whole-slide methods (a batch of slide paths, slide labels): deterministic settings (no random views of the

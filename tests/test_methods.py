@@ -178,13 +178,6 @@ def _assert_non_finite_step_refused(method, name: str) -> None:
         assert all(torch.equal(torch.as_tensor(after[i][k]), torch.as_tensor(v)) for k, v in state.items()), i
 
 
-def test_naive_gerne_step_on_a_non_finite_loss_raises_and_leaves_the_weights():
-    """GERNE's two-pass step (``fused=False``) has its own optimizer step: the same refusal as ``Method.step``."""
-    method = _build("gerne", Task("class:1", 5), lr=1e-2, fused=False)
-    method.step({**_batch(), "balanced": _batch(seed=1)})
-    _assert_non_finite_step_refused(method, "gerne")
-
-
 def test_erm_loss_is_cross_entropy_of_its_logits():
     torch.manual_seed(0)
     with warnings.catch_warnings():

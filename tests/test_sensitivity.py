@@ -227,7 +227,7 @@ def test_sensitivity_job_runs_its_sweeps_and_logs_the_map(tmp_path):
                            "--shortcut", "0.8", "--no-progress"], capture_output=True, text=True, timeout=900,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "gerne-sensitivity-shortcut0.8-seed0" in proc.stdout and "1  " in proc.stdout  # the beta = 1 row
+    assert "gerne-sensitivity-shortcut0.8-seed0" in proc.stdout and "0.5  " in proc.stdout  # the beta = 0.5 row
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("gerne-sensitivity-shortcut0.8-seed0")
     parent = next(r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)

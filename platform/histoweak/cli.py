@@ -347,6 +347,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for k, v in {**out.best, **out.test}.items():
         if isinstance(v, float):
             print(f"  {k}: {v:.4f}")
+    for k, v in out.data_state.items():  # what the method computed from the data (GERNE's beta_max)
+        if isinstance(v, (int, float, str)):
+            print(f"  data.{k}: {v}")
     return 0
 
 

@@ -20,8 +20,10 @@ __all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_cells", "f
            "cam_hist_classes", "cam_histograms", "format_heatmap", "heatmap_cell_text", "heatmap_cells",
            "heatmap_column_labels", "heatmap_grid", "format_value", "param", "short_names"]
 
-#: (row label, method, selection metric) in the paper's order
-TABLE1_ROWS = (("ERM", "erm", "val_bca"), ("ERM", "erm", "val_wga"), ("GERNE", "gerne", "val_wga"))
+#: (row label, method, selection metric) in the paper's order, with group-balanced resampling (GERNE at c = 1,
+#: beta = 0: the baseline its extrapolation starts from) before GERNE
+TABLE1_ROWS = (("ERM", "erm", "val_bca"), ("ERM", "erm", "val_wga"), ("Resampling", "resampling", "val_wga"),
+               ("GERNE", "gerne", "val_wga"))
 
 
 def metrics_at_tau(pred: dict, tau: float, prefix: str) -> dict[str, float]:
@@ -46,20 +48,21 @@ def _cell(values: list[float]) -> str:
 
 
 def format_table1(cells: dict[tuple[str, str], dict[float, list[tuple[float, float]]]], taus: list[float],
-                  title: str = "") -> str:
+                  title: str = "", rows: tuple[tuple[str, str, str], ...] = TABLE1_ROWS) -> str:
     """The paper's Table 1 layout.
 
     cells : ``{(method, selection metric): {tau: [(test WGA, test BCA) per seed]}}``
+    rows : (row label, method key of ``cells``, selection metric), in print order
     """
     head = ["Method", "Eval. metric"] + [f"{m} (tau={t:g})" for t in taus for m in ("WGA", "BCA")]
     lines = []
-    for label, method, sel in TABLE1_ROWS:
+    for label, method, sel in rows:
         row = [label, sel.removeprefix("val_").upper()]
         for t in taus:
             runs = cells.get((method, sel), {}).get(t, [])
             row += [_cell([w for w, _ in runs]), _cell([b for _, b in runs])]
         lines.append(row)
-    n = {(m, s): max((len(v) for v in cells.get((m, s), {}).values()), default=0) for _, m, s in TABLE1_ROWS}
+    n = {(m, s): max((len(v) for v in cells.get((m, s), {}).values()), default=0) for _, m, s in rows}
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
     out = [title] if title else []
     out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
@@ -145,7 +148,8 @@ def _num(v):
 def table1_cells(runs: list[dict]) -> tuple[dict, list[float]]:
     """Table 1 cells from finished runs, each ``{"params": {...}, "metrics": {...}}`` (MLflow child runs).
 
-    Runs are keyed by (method, selection metric, tau); within a key, the hyperparameter setting
+    Runs are keyed by (method, selection metric, tau); GERNE runs at c = 1, beta = 0 also fill the resampling
+    row. Within a key, the hyperparameter setting
     (every ``swept.*`` parameter except the seed) with the best mean validation score is kept, and
     its seeds' test (WGA, BCA) fill the cell.
     """
@@ -166,6 +170,9 @@ def table1_cells(runs: list[dict]) -> tuple[dict, list[float]]:
         if score is None or "test_wga" not in m:
             continue
         groups.setdefault((method, sel, tau), {}).setdefault(setting, []).append((score, m["test_wga"], m["test_bca"]))
+        if method == "gerne" and _num(p.get("hparams.c")) == 1.0 and _num(p.get("hparams.beta")) == 0.0:
+            groups.setdefault(("resampling", sel, tau), {}).setdefault(setting, []).append(
+                (score, m["test_wga"], m["test_bca"]))
     cells: dict = {}
     for (method, sel, tau), settings in groups.items():
         best = max(settings.values(), key=lambda runs: np.mean([s for s, _, _ in runs]))

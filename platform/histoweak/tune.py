@@ -42,6 +42,7 @@ import yaml
 
 from histoweak import _storage
 from histoweak.methods import METHODS
+from histoweak.methods.base import RunInfo
 from histoweak.train import TrainConfig, class_names_of
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "SweepPlan", "leaderboard", "load_search_space",
@@ -395,6 +396,21 @@ def n_trials(space: SearchSpace) -> int:
     return n
 
 
+def check_sweep_data(space: SearchSpace, tile_table: str, n_classes: int) -> SearchSpace:
+    """The space with its swept values checked against the data by the method (``Method.check_sweep``: e.g.
+    GERNE's beta bound), before any trial; raises ``ValueError`` on values no trial could run."""
+    from histoweak.train import run_info
+
+    def run_for(train: dict) -> RunInfo:
+        values = {**space.train, **{k: v for k, v in train.items() if v is not None}}
+        return run_info(TrainConfig.from_dict({**values, "method": space.method, "hparams": dict(space.hparams)}),
+                        tile_table, n_classes)
+
+    fixed = {**_flat(space.train, "train."), **_flat(space.hparams, "hparams.")}
+    params = METHODS[space.method].check_sweep(fixed, dict(space.params), run_for)
+    return space if params == space.params else space.with_params(params)
+
+
 def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str | Path | None = None,
               progress: bool = True, stage2: bool = False, restart: bool = False, verbose: bool = False,
               data_params: dict[str, Any] | None = None) -> list[dict]:
@@ -421,6 +437,7 @@ def run_sweep(space: SearchSpace, tile_table: str, n_classes: int, storage: str 
     from histoweak.train import check_table
 
     check_table(METHODS[space.method], tile_table)  # a slide table for whole-slide methods, tiles for the others
+    space = check_sweep_data(space, str(tile_table), n_classes)
     uri = tracking.tracking_uri()
     store = _store_key(uri)
     plan = plan_sweep(space, tile_table, storage, restart)

@@ -462,6 +462,15 @@ class Method(nn.Module):
         return group_count_artifacts(train, swept, tile_table, n_classes)
 
     @classmethod
+    def check_sweep(cls, fixed: dict[str, Any], params: dict[str, dict], run_for: Callable[[dict], RunInfo]
+                    ) -> dict[str, dict]:
+        """A sweep's swept ``params`` (``{"hparams.beta": {"grid": [...]}}``) checked against the data before any
+        trial: returns them, or them with values the data rules out removed (saying so), or raises ``ValueError``.
+        ``fixed``: the space's fixed values (``"train.group_tau"``, ``"hparams.c"``, ...); ``run_for(train_values)``:
+        the ``RunInfo`` of a trial with those train values (e.g. ``{"group_tau": 0.03}``). Default: unchanged."""
+        return params
+
+    @classmethod
     def before_sweep(cls, hparams: dict[str, Any], ctx: SweepContext) -> dict[str, Any]:
         """A step before a sweep's trials (USegMix: the segment pool and the synthetic tiles), from the fixed
         ``hparams`` of the search space; returns hyperparameter values every trial gets (e.g. the path of a
