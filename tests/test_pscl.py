@@ -94,20 +94,25 @@ def _glass_batch():
     rgb[1, :, 96:] = 255  # a band of glass down the right: feature-map column 3
     rgb[1, 40:43, 40:43] = 255  # 9 px: removed
     rgb[1, 80:88, 20:28] = 200  # exactly the grey threshold: tissue (background is strictly above it)
+    rgb[1, 10:20, 10:20] = (255, 190, 255)  # pale magenta: grey 217 (background by luminance), green 190 (not by rgb)
     labels = torch.zeros(2, 5)
     labels[0, [1, 3]] = 1
     labels[1, [1, 2]] = 1
     return rgb, {"image": torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255, "labels": labels}
 
 
-def _background_by_skimage(rgb: np.ndarray, grey: float, min_size: int) -> np.ndarray:
-    """The thesis's background seed (§4.3.2), computed with PIL's grey level and scikit-image's labelling."""
+def _background_by_skimage(rgb: np.ndarray, grey: float, min_size: int, mode: str = "rgb") -> np.ndarray:
+    """The thesis's background seed (§4.3.2), computed with PIL's grey level (or every channel, mode "rgb") and
+    scikit-image's labelling."""
     from PIL import Image
     from skimage.measure import label
 
     out = []
     for tile in rgb:
-        white = np.asarray(Image.fromarray(tile).convert("L")) > grey  # ITU-R 601 luma, as OpenCV's RGB2GRAY
+        if mode == "rgb":
+            white = np.logical_and.reduce([tile[..., c] > grey for c in range(3)])
+        else:
+            white = np.asarray(Image.fromarray(tile).convert("L")) > grey  # ITU-R 601 luma, as OpenCV's RGB2GRAY
         regions = label(white, connectivity=1)
         big = np.bincount(regions.ravel()) >= min_size
         big[0] = False  # label 0: not white
@@ -115,10 +120,11 @@ def _background_by_skimage(rgb: np.ndarray, grey: float, min_size: int) -> np.nd
     return np.stack(out)
 
 
-def test_background_seed_is_grey_threshold_then_small_regions_removed():
-    m = _pscl(0.1, bg_min_size=BG_MIN_SIZE)
+@pytest.mark.parametrize("mode", ["rgb", "luminance"])
+def test_background_seed_is_colour_threshold_then_small_regions_removed(mode):
+    m = _pscl(0.1, bg_min_size=BG_MIN_SIZE, bg_mode=mode)
     rgb, b = _glass_batch()
-    expected = _background_by_skimage(rgb, 200, BG_MIN_SIZE)
+    expected = _background_by_skimage(rgb, 200, BG_MIN_SIZE, mode)
     # the hand-made regions land where they were meant to: the test exercises each side of each rule
     assert expected[0, :32].all() and expected[1, :, 96:].all()
     assert expected[0, 50:55, 50:55].all() and not expected[0, 50:54, 80:86].any()
@@ -126,7 +132,8 @@ def test_background_seed_is_grey_threshold_then_small_regions_removed():
     assert not expected[0, 100:110, 60:70].any() and expected[0, 100:108, 100:108].all()
     assert not expected[0, 70:78, 100:108].any() and not expected[1, 40:43, 40:43].any()
     assert not expected[1, 80:88, 20:28].any()
-    assert expected.sum() == 32 * 128 + 25 + 64 + 128 * 32
+    assert expected[1, 10:20, 10:20].all() == (mode == "luminance")  # the pale magenta square: the two rules differ
+    assert expected.sum() == 32 * 128 + 25 + 64 + 128 * 32 + (100 if mode == "luminance" else 0)
     seed = m.background(b["image"])
     assert seed.dtype == torch.bool and seed.shape == (2, 128, 128)
     np.testing.assert_array_equal(seed.numpy(), expected)
@@ -134,7 +141,7 @@ def test_background_seed_is_grey_threshold_then_small_regions_removed():
 
 def test_loss_is_mlsm_plus_lambda_supcon_on_pixels_labelled_by_cams_and_background():
     lam, tau = 0.1, 0.5  # not the default 0.25: the method must use its own hyperparameter
-    m = _pscl(lam, bg_min_size=BG_MIN_SIZE, tau=tau)
+    m = _pscl(lam, bg_min_size=BG_MIN_SIZE, tau=tau, gate=False)  # ungated: every class's CAM takes part
     rgb, b = _glass_batch()
     m.train()
     loss, logs = m._loss(b)
@@ -172,6 +179,72 @@ def test_loss_is_mlsm_plus_lambda_supcon_on_pixels_labelled_by_cams_and_backgrou
     x0 = m0(b["image"]).detach()
     mlsm0 = -(y * torch.nn.functional.logsigmoid(x0) + (1 - y) * torch.nn.functional.logsigmoid(-x0)).mean()
     assert loss0.item() == pytest.approx(mlsm0.item(), rel=1e-5) and "loss_pscl" not in logs0
+
+
+def test_gated_loss_contrasts_only_classes_scored_above_the_threshold():
+    """Eq. 4.4-4.6 with the gate on (the default): the pixel labels come from CAMs of classes whose sigmoid score is
+    above 0.8; a class scored below has no CAM, so none of its pixels is kept, however strong its map."""
+    m = _pscl(0.1, bg_min_size=BG_MIN_SIZE)
+    assert m.hparams.gate and m.hparams.feature_level == -1 and m.hparams.bg_mode == "rgb"
+    with torch.no_grad():  # class 1 scored ~0.98 on every tile, classes 2-4 ~0.5 (their maps partly positive)
+        m.classifier.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    rgb, b = _glass_batch()
+    m.train()
+    loss, logs = m._loss(b)
+    with torch.no_grad():
+        f = m.encoder(b["image"])[-1]
+        a = m.classifier(f)
+    scores = torch.sigmoid(a.mean((2, 3)))
+    assert (scores[:, 0] > 0.8).all() and (scores[:, 1:] <= 0.8).all()
+    relu = a.clamp_min(0)
+    peak = relu.amax((2, 3), keepdim=True)
+    cams = torch.where(peak > 0, relu / peak, torch.zeros_like(relu))
+    assert (cams[:, 1:].amax((2, 3)) == 1).all()  # ungated, each of classes 2-4 would peak at 1 somewhere
+    cams[:, 1:] = 0  # gated out: scores not above 0.8
+    bg = torch.from_numpy(_background_by_skimage(rgb, 200, BG_MIN_SIZE)).float()
+    bg = bg.reshape(2, 4, 32, 4, 32).mean((2, 4)) > 0.5
+    top, pixel_label = torch.cat([bg[:, None].float(), cams], 1).max(1)
+    kept = top > m.hparams.tau
+    labels = pixel_label[kept]
+    assert set(labels.unique().tolist()) == {0, 1}  # background and class 1 only
+    expected = SupConLoss(temperature=0.1)(f.permute(0, 2, 3, 1)[kept], labels)
+    assert logs["loss_pscl"] == pytest.approx(expected.item(), rel=1e-5)
+    ungated = _pscl(0.1, bg_min_size=BG_MIN_SIZE, gate=False)
+    ungated.load_state_dict(m.state_dict())
+    assert ungated._loss(b)[1]["loss_pscl"] != pytest.approx(logs["loss_pscl"], rel=1e-3)  # the gate changed the pixels
+
+
+def test_grad_ratio_is_the_ratio_of_the_two_gradient_norms_on_the_encoder():
+    import copy
+
+    m = _pscl(0.5, bg_min_size=BG_MIN_SIZE, gate=False)
+    ref = copy.deepcopy(m)
+    _, b = _glass_batch()
+    m.train()
+    m.on_epoch_start(0, 1)
+    loss, logs = m._loss(b)
+    loss.backward()  # the graph survives the measurement
+    assert "pscl_grad_ratio" in logs and "pscl_grad_ratio" not in m._loss(b)[1]  # once per epoch
+
+    def encoder_grad_norm(which: str) -> float:
+        net = copy.deepcopy(ref)
+        net.train()
+        net.zero_grad()
+        _, lg = net._loss(b)
+        # recompute the two terms in this copy: the loss is loss_cls + lam * loss_pscl
+        net.zero_grad()
+        logits, a, f = net._activations(b["image"])
+        if which == "cls":
+            net.criterion(logits, net.task.targets(b)).backward()
+        else:
+            total, _ = net._loss(b)
+            cls = net.criterion(net(b["image"]), net.task.targets(b))
+            (total - cls).backward()
+        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.encoder.parameters() if p.grad is not None)))
+
+    expected = encoder_grad_norm("pscl") / encoder_grad_norm("cls")
+    assert logs["pscl_grad_ratio"] == pytest.approx(expected, rel=1e-4)
+    assert 0 < expected
 
 
 def test_pseudo_labels_are_gated_by_patch_labels_and_background():

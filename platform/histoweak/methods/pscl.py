@@ -5,10 +5,23 @@ one output per class on its feature map, global average pooling, and the
 multi-label soft-margin loss on the patch labels (§4.3.1), plus
 λ · PSCL (``pscl_loss``: supervised contrastive loss over feature-map pixels
 labelled by CAM argmax where the largest CAM exceeds τ, eq. 4.6–4.8). CAMs
-(eq. 4.3) are ReLU(w_iᵀf) / max, optionally gated by the class score
-(eq. 4.4–4.5); the background seed (colour threshold + remove_small_objects)
-is an extra channel. ``pseudo_labels`` implements eq. 4.9. Model selection
-by the validation mIoU of the pseudo-labels against pixel ground truth.
+(eq. 4.3) are ReLU(w_iᵀf) / max over the last encoder stage, gated by the class
+score (eq. 4.4–4.5: a class whose sigmoid score is not above 0.8 has no CAM) before
+the contrastive loss picks its pixels; the background seed (colour threshold +
+remove_small_objects) is an extra channel. ``pseudo_labels`` implements eq. 4.9,
+where the patch labels gate the classes (the thesis's pseudo-label section: the
+labels are known there, and a score gate could only drop a present class).
+Model selection by the validation mIoU of the pseudo-labels against pixel
+ground truth.
+
+Whether λ acts: ``pscl_grad_ratio``, logged per epoch (``train_pscl_grad_ratio``), is
+‖∇ λ·L_pscl‖ / ‖∇ L_cls‖ over the encoder's weights on the epoch's first step. Near
+0.05 the contrastive term barely moves the encoder; the thesis's λ = 0.1 is a
+choice at its scale (Swin-T, 224 px), not a constant to carry to another encoder.
+
+Background seed: the thesis thresholds colour (§4.3.2, Table 5.8) without giving the
+rule; ``bg_mode: rgb`` (default) keeps pixels bright in every channel (glass), so
+pale eosin stays tissue; ``luminance`` is Han et al.'s grey-level ``gen_bg_mask``.
 
 Stage 2 (``pscl-seg``): an FPN-style decoder over the encoder's multi-scale
 features (built from ``feature_info``), initialised from a stage-1
@@ -104,9 +117,10 @@ class PSCL(Method):
         tau: float = 0.25  # PSCL activation threshold on the largest CAM
         temperature: float = DEFAULT_TEMPERATURE
         background: bool = True  # the background seed is a PSCL class
-        bg_grey: float = 200.0  # background seed: grey level above this ...
+        bg_grey: float = 200.0  # background seed: pixels above this level ...
         bg_min_size: int = 200  # ... in regions of at least this many pixels (200 LUAD, 600 BCSS)
-        gate: bool = False  # gate CAMs by class score (eq. 4.4-4.5)
+        bg_mode: str = "rgb"  # "rgb": every channel above bg_grey (a colour threshold); "luminance": grey level
+        gate: bool = True  # gate the CAMs the PSCL loss contrasts by class score (eq. 4.4-4.5)
         gate_threshold: float = 0.8
         feature_level: int = -1  # which encoder feature map carries the CAMs (-1: the last)
         max_pixels: int | None = 8192  # PSCL on a uniform sample of at most this many kept pixels
@@ -121,6 +135,8 @@ class PSCL(Method):
                 raise ValueError(f"method 'pscl': tau must be in [0, 1), got {self.tau}")
             if self.warmup_epochs < 0:
                 raise ValueError(f"method 'pscl': warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            if self.bg_mode not in ("rgb", "luminance"):
+                raise ValueError(f"method 'pscl': bg_mode must be 'rgb' or 'luminance', got {self.bg_mode!r}")
 
     selection_metric = "val_miou"
     headline_metrics = ("test_miou", "test_fwiou")
@@ -178,10 +194,13 @@ class PSCL(Method):
         self.criterion = nn.MultiLabelSoftMarginLoss()
         self._pscl_generator = torch.Generator().manual_seed(0)
         self._pscl_on = self.hparams.warmup_epochs == 0
+        self._measure_ratio = True
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        """PSCL joins the classification loss after ``warmup_epochs`` epochs."""
+        """PSCL joins the classification loss after ``warmup_epochs`` epochs; the epoch's first step measures
+        ``pscl_grad_ratio``."""
         self._pscl_on = epoch >= self.hparams.warmup_epochs
+        self._measure_ratio = True
 
     def _activations(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (N, K), activations A (N, K, h, w), features f (N, D, h, w))."""
@@ -194,13 +213,14 @@ class PSCL(Method):
 
     def background(self, images: torch.Tensor) -> torch.Tensor:
         """(N, H, W) bool background seed of images in [0, 1]."""
-        seed = background_seed(_images_uint8(images), self.hparams.bg_grey, self.hparams.bg_min_size)
+        seed = background_seed(_images_uint8(images), self.hparams.bg_grey, self.hparams.bg_min_size,
+                               self.hparams.bg_mode)
         return torch.from_numpy(seed).to(images.device)
 
-    def cams(self, logits: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-        """Normalised (and, with ``gate``, gated) CAMs of classes 1..K at feature resolution."""
+    def cams(self, logits: torch.Tensor, activations: torch.Tensor, gate: bool = False) -> torch.Tensor:
+        """Normalised CAMs of classes 1..K at feature resolution; with ``gate``, gated by the class scores."""
         cams = normalise_cams(activations)
-        if self.hparams.gate:
+        if gate:
             cams = gate_cams(cams, torch.sigmoid(logits), self.hparams.gate_threshold)
         return cams
 
@@ -211,7 +231,7 @@ class PSCL(Method):
         if self.hparams.lam == 0 or not self._pscl_on:
             return loss_cls, {"loss_cls": float(loss_cls.detach())}
         with torch.no_grad():  # pseudo-labels for the contrastive loss: no gradient through the CAMs
-            cams = self.cams(logits, a).float()
+            cams = self.cams(logits, a, gate=self.hparams.gate).float()
             if self.hparams.background:
                 bg = self.background(images)[:, None].float()
                 bg = F.adaptive_avg_pool2d(bg, cams.shape[-2:]) > 0.5
@@ -224,7 +244,21 @@ class PSCL(Method):
                               temperature=self.hparams.temperature, max_pixels=self.hparams.max_pixels,
                               generator=self._pscl_generator)
         loss = loss_cls + self.hparams.lam * loss_pscl
-        return loss, {"loss_cls": float(loss_cls.detach()), "loss_pscl": float(loss_pscl.detach())}
+        logs = {"loss_cls": float(loss_cls.detach()), "loss_pscl": float(loss_pscl.detach())}
+        if self._measure_ratio and torch.is_grad_enabled():
+            self._measure_ratio = False
+            logs["pscl_grad_ratio"] = self.grad_ratio(loss_cls, self.hparams.lam * loss_pscl)
+        return loss, logs
+
+    def grad_ratio(self, loss_cls: torch.Tensor, weighted_pscl: torch.Tensor) -> float:
+        """‖∇ weighted_pscl‖ / ‖∇ loss_cls‖ over the encoder's weights (the graph is kept for the step's backward)."""
+        if not (weighted_pscl.requires_grad and loss_cls.requires_grad):  # e.g. no pixel kept: no PSCL gradient
+            return 0.0
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        g_cls = torch.autograd.grad(loss_cls, params, retain_graph=True, allow_unused=True)
+        g_pscl = torch.autograd.grad(weighted_pscl, params, retain_graph=True, allow_unused=True)
+        norm = lambda gs: float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)))
+        return norm(g_pscl) / max(norm(g_cls), 1e-12)
 
     @torch.no_grad()
     def tile_cams(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

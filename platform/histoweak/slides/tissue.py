@@ -143,12 +143,16 @@ def tissue_mask(rgb: np.ndarray, method: str = "saturation", min_size: int = 64)
     return fg
 
 
-def background_seed(rgb: np.ndarray, grey: float = 200, min_size: int = 50) -> np.ndarray:
-    """PSCL's background seed: near-white pixels (grey level above ``grey``) in regions of at least ``min_size`` pixels.
+def background_seed(rgb: np.ndarray, grey: float = 200, min_size: int = 50, mode: str = "luminance") -> np.ndarray:
+    """PSCL's background seed: near-white pixels in regions of at least ``min_size`` pixels.
 
     Colour thresholding plus ``remove_small_objects`` (thesis §4.3.2, after Kang et al. and
     Han et al.'s ``gen_bg_mask``); the region size keeps isolated bright pixels inside tissue
     from counting as background. The thesis uses ``min_size`` 200 (LUAD-HistoSeg) and 600 (BCSS-WSSS).
+
+    mode : ``"luminance"`` — grey level (0.299 R + 0.587 G + 0.114 B) above ``grey``, as Han et al.'s
+        ``gen_bg_mask`` thresholds; ``"rgb"`` — every channel above ``grey``: glass is bright in all three, while
+        pale eosin (pink, bright in luminance) has a darker green channel and stays tissue.
 
     Parameters
     ----------
@@ -158,10 +162,14 @@ def background_seed(rgb: np.ndarray, grey: float = 200, min_size: int = 50) -> n
     -------
     bool array of the same leading shape
     """
+    if mode not in ("luminance", "rgb"):
+        raise ValueError(f"background seed: mode must be 'luminance' or 'rgb', got {mode!r}")
     if rgb.ndim == 4:
-        return np.stack([background_seed(x, grey, min_size) for x in rgb])
-    lum = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    white = lum > grey
+        return np.stack([background_seed(x, grey, min_size, mode) for x in rgb])
+    if mode == "rgb":
+        white = (rgb[..., :3] > grey).all(-1)
+    else:
+        white = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) > grey
     if min_size > 1:
         white = morphology.remove_small_objects(white, max_size=min_size - 1, connectivity=1)
     return white
