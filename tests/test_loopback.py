@@ -127,7 +127,7 @@ def test_ray_head_with_dashboard_on_loopback(tmp_path):
         client = MlflowClient(f"sqlite:///{store}")
         runs = client.search_runs([client.get_experiment_by_name("pscl").experiment_id])
         trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.run_name != "stage2"]
-        assert len(trials) == 2 and {r.data.params["hparams.lam"] for r in trials} == {"0.0", "0.1"}  # baseline, PSCL
+        assert len(trials) == 2 and {r.data.params["hparams.lam"] for r in trials} == {"0.0", "0.2"}  # baseline, PSCL
         for r in trials:
             assert r.info.status == "FINISHED" and {"val_miou", "test_miou", "test_fwiou"} <= set(r.data.metrics)
             arts = {a.path for a in client.list_artifacts(r.info.run_id)}
