@@ -2,6 +2,7 @@
 the thesis's stage-1 regime: lambda x gating x seeds, then stage 2 on the pseudo-labels.
 
     python benchmarks/pscl_vs_cam.py              # lambda in {0, 0.05, 0.2, 0.6} x gate on/off x 3 seeds, stage 2
+    python benchmarks/pscl_vs_cam.py --ungated-lams 0.2   # the form in README: gate off for lambda 0.2 only
     python benchmarks/pscl_vs_cam.py --partial 0  # the same without partial activation (the generator's knob)
     python benchmarks/pscl_vs_cam.py --quick      # 1 seed, lambda 0 and 0.2 gated, 2 short epochs, no stage 2
                                                   # (part of `make bench`)
@@ -53,6 +54,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lams", type=float, nargs="+", default=[0.05, 0.2, 0.6])
     ap.add_argument("--gates", choices=["on", "off"], nargs="+", default=["on", "off"])
+    ap.add_argument("--ungated-lams", type=float, nargs="+", default=None,
+                    help="the lambdas of the gate-off cells (default: --lams)")
     ap.add_argument("--partial", type=float, default=None, help="the preset's partial-activation knob (default 0.7)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32)
@@ -73,7 +76,8 @@ def main(argv=None) -> dict:
     storage = Path(".cache/bench_pscl").resolve()
     stamp = time.strftime("%H%M%S")
     t0 = time.perf_counter()
-    cells = [(0.0, True)] + [(lam, gate == "on") for lam in args.lams for gate in args.gates]
+    cells = [(0.0, True)] + [(lam, True) for lam in args.lams if "on" in args.gates] + [
+        (lam, False) for lam in (args.ungated_lams or args.lams) if "off" in args.gates]
     seeds = range(args.seeds)
     rows, outs = [], {}
     for seed in seeds:
