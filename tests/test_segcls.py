@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from histoweak.data.schema import tile_keys
 from histoweak.data.streaming import BalancedSampler
 from histoweak.methods import build_method
 from histoweak.methods.base import RunInfo, Task
@@ -25,7 +26,7 @@ def _segcls(**hp):
 
 
 def test_architecture_follows_tables_a2_a3():
-    m = _segcls()
+    m = _segcls(head="table_a3", upsample="nearest")  # the paper's text
     x = torch.rand(2, 3, 128, 128)
     feats = m.encoder(x)
     assert [f.shape for f in feats] == [(2, 256, 8, 8)]  # ResNet-18 to its third stage: 256 x 8 x 8
@@ -45,6 +46,56 @@ def test_architecture_follows_tables_a2_a3():
     m.eval()
     assert torch.allclose(m.classify(x), m.classifier(m.segment_low(x)))  # the classifier goes through the segmentation
     assert isinstance(m.optimizer, torch.optim.Adam) and m.optimizer.defaults["lr"] == 1e-4
+
+
+def test_the_official_code_s_heads_and_bilinear_upsampling():
+    """The defaults follow the authors' code: the image logits are each segmentation channel's max (``avgpool``:
+    its mean), with no parameters; both interpolations are bilinear."""
+    x = torch.rand(2, 3, 128, 128)
+    m = _segcls().eval()
+    assert m.hparams.head == "official" and m.hparams.upsample == "bilinear"
+    assert not list(m.classifier.parameters()) and m.decoder[3].mode == "bilinear"
+    low = m.segment_low(x)
+    assert torch.allclose(m.classify(x), low.amax((2, 3)))
+    ref = nn.functional.interpolate(low, size=(128, 128), mode="bilinear", align_corners=False)
+    assert torch.allclose(m(x), ref)
+    avg = _segcls(head="avgpool").eval()
+    assert torch.allclose(avg.classify(x), avg.segment_low(x).mean((2, 3)))
+    with pytest.raises(ValueError, match="head must be one of"):
+        _segcls(head="maxpool")
+
+
+def _label_channel_rises(m, x: torch.Tensor, label: torch.Tensor) -> np.ndarray:
+    """Per patch: does one small step down the classification loss raise the label's own segmentation channel
+    (its mean logit over the patch) more than the other channels'?"""
+    m.train()
+    before = m.segment_low(x).detach()
+    loss = nn.functional.cross_entropy(m.classify(x), label)
+    m.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    after = m.segment_low(x).detach()
+    rise = (after - before).mean((2, 3))  # (N, C) mean change of each channel's logits
+    own = rise.gather(1, label[:, None])[:, 0]
+    others = (rise.sum(1) - own) / (rise.shape[1] - 1)
+    return (own > others).numpy()
+
+
+@pytest.mark.parametrize("head", ["official", "avgpool"])
+def test_a_classification_step_raises_the_label_s_own_channel(head):
+    """The mechanism of the paper: with the pooled heads, learning the image label raises the segmentation
+    channel of that class on the patch, for every patch of a hand-made batch (the learned Table A.3 head
+    need not: its output c is not tied to channel c)."""
+    torch.manual_seed(0)
+    m = _segcls(head=head)
+    x = torch.rand(8, 3, 64, 64)
+    label = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    for bn in [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]:
+        bn.eval()  # batch statistics would couple the patches
+    assert _label_channel_rises(m, x, label).all()
 
 
 def test_encoder_is_cut_at_stride_16_for_any_backbone():
@@ -117,8 +168,15 @@ def test_data_plan_counts_and_weights_from_the_chosen_patches():
         masks.append(m)
     meta = {"slide_id": np.asarray(["a"] * 60, object), "x": np.arange(60), "y": np.zeros(60, int),
             "class_ratios": np.stack([_ratios(m) for m in masks]), "label": np.full(60, -1)}
+    images = {k: rng.integers(0, 256, (8, 8, 3), np.uint8) for k in tile_keys(meta["slide_id"], meta["x"], meta["y"])}
+    asked = []
+
+    def read(keys):
+        asked.append(set(keys))
+        return np.stack([images[k] for k in sorted(keys)])
+
     hp = SegCls.Hparams(backbone="resnet18", weights=None, setting="S+C", s=50)
-    plan = SegCls.data_plan(hp, RunInfo("mask", 4, seed=0, batch_size=4, meta=lambda cols: meta))
+    plan = SegCls.data_plan(hp, RunInfo("mask", 4, seed=0, batch_size=4, meta=lambda cols: meta, images=read))
     assert plan.state["n_seg_pool"] == 20 and plan.state["n_cls_pool"] == 20 and plan.state["n_ignored"] == 20
     assert plan.state["n_seg"] == 10 and plan.state["n_cls"] == 10
     assert plan.steps_per_epoch == 5  # the whole segmentation pool per epoch, whatever s
@@ -131,7 +189,15 @@ def test_data_plan_counts_and_weights_from_the_chosen_patches():
     for i in np.flatnonzero(cls >= 0):
         assert (masks[i] == cls[i]).all()  # a classification patch's label is its (only) class
     assert plan.extra["cls"].hidden == ("mask",)
-    assert "cls" not in SegCls.data_plan(SegCls.Hparams(setting="S", s=50), RunInfo("mask", 4, meta=lambda c: meta)).extra
+    # the input statistics: over the tiles the run trains on (its 10 segmentation and 10 classification patches)
+    keys = tile_keys(meta["slide_id"], meta["x"], meta["y"])
+    used = {k for k, a, b in zip(keys, chosen, cls >= 0) if a or b}
+    assert asked == [used]
+    pixels = np.stack([images[k] for k in used]).reshape(-1, 3) / 255.0
+    assert plan.state["input_mean"] == pytest.approx(pixels.mean(0), abs=1e-6)
+    assert plan.state["input_std"] == pytest.approx(pixels.std(0), abs=1e-6)
+    only_s = SegCls.data_plan(SegCls.Hparams(setting="S", s=50, normalize=False), RunInfo("mask", 4, meta=lambda c: meta))
+    assert "cls" not in only_s.extra and "input_mean" not in only_s.state
 
 
 def _raw_table(poison: bool) -> pa.Table:
@@ -163,10 +229,10 @@ def test_classification_masks_never_reach_the_loss():
     weights = []
     for poison in (False, True):
         table = _raw_table(poison)
-        hp = SegCls.Hparams(backbone="resnet18", weights=None, setting="S+C*", s=100)
+        hp = SegCls.Hparams(backbone="resnet18", weights=None, setting="S+C*", s=100, normalize=False)
         plan = SegCls.data_plan(hp, RunInfo("mask", 4, batch_size=4, meta=lambda cols, t=table: meta_of(t)))
         torch.manual_seed(0)
-        m = _segcls(setting="S+C*", s=100)
+        m = _segcls(setting="S+C*", s=100, normalize=False)
         m.set_data_state(plan.state)
         main = BalancedSampler(table, plan.main.strata, seed=0).batches(4, {0: 1.0})
         cls_s = BalancedSampler(table, plan.extra["cls"].strata, seed=1, hidden=plan.extra["cls"].hidden)
@@ -241,3 +307,86 @@ def test_smoke_sweep_of_the_job_nested_in_mlflow_then_fig5(tile_table, tmp_path)
     f1_macro_s = next(r for r in rows if r[0] == "S" and r[2] == "macro")
     assert float(f1_macro_s[3]) == pytest.approx(100 * children["S"].data.metrics["test_f1_macro"], abs=0.051)
     assert {"fig5.png", "table_d5.csv"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_classification_patches_enter_the_pixel_loss_with_a_constant_mask():
+    """``cls_pixel_loss``: the pixel loss is one class-weighted mean over the segmentation batch's pixels and the
+    classification patches' pixels, each of the latter labelled with its patch's class (the authors'
+    ``label * ones`` mask); off, the classification patches only enter the image loss."""
+    torch.manual_seed(0)
+    m = _segcls(normalize=False).eval()  # eval: BatchNorm uses its running statistics, the same in every pass
+    w = torch.tensor([0.5, 1.0, 2.0, 0.0])  # class 3 absent from the segmentation patches: weight 0
+    m.pixel_weights.copy_(w)
+    seg_x, cls_x = torch.rand(2, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    seg_y = torch.randint(0, 3, (2, 64, 64))
+    label = torch.tensor([1, 2, 3])
+    batch = {"image": seg_x, "mask": seg_y, "cls": {"image": cls_x, "group": label}}
+    with torch.no_grad():
+        loss, logs = m._loss(batch)
+        # by hand: every pixel's weighted cross-entropy from log-softmax, one mean over both batches' weights
+        images = torch.cat([seg_x, cls_x])
+        target = torch.cat([seg_y, label.view(-1, 1, 1).expand(-1, 64, 64)])
+        nll = -m(images).log_softmax(1).gather(1, target[:, None])[:, 0]
+        pixel = (w[target] * nll).sum() / w[target].sum()
+        image_loss = nn.functional.cross_entropy(m.segment_low(cls_x).amax((2, 3)), label)  # the official head
+    assert logs["loss_seg"] == pytest.approx(float(pixel), rel=1e-5)
+    assert logs["loss_cls"] == pytest.approx(float(image_loss), rel=1e-5)
+    assert float(loss) == pytest.approx(float(pixel + image_loss), rel=1e-5)
+
+    off = _segcls(normalize=False, cls_pixel_loss=False).eval()
+    off.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        _, logs_off = off._loss(batch)
+        seg_only = (w[seg_y] * -off(seg_x).log_softmax(1).gather(1, seg_y[:, None])[:, 0]).sum() / w[seg_y].sum()
+    assert logs_off["loss_seg"] == pytest.approx(float(seg_only), rel=1e-5)
+    assert logs_off["loss_seg"] != pytest.approx(logs["loss_seg"], rel=1e-3)
+
+
+def test_input_normalisation_round_trips_through_a_checkpoint_and_predict(tmp_path):
+    """The training tiles' statistics set by the data state are buffers of the model: a checkpoint carries them
+    and the model ``histoweak predict`` loads standardises its inputs exactly as in training."""
+    from histoweak.checkpoint import save_checkpoint
+    from histoweak.predict import load_segmentation_model
+
+    torch.manual_seed(0)
+    state = {"input_mean": [0.7, 0.5, 0.6], "input_std": [0.1, 0.2, 0.0], "class_weights": [1.0, 1.0, 1.0, 1.0]}
+    m = _segcls()
+    m.set_data_state(state)
+    x = torch.rand(2, 3, 64, 64)
+    m.eval()
+    mean, std = torch.tensor([0.7, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.1, 0.2, 1.0]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = m.decoder(m.encoder((x - mean) / std)[0])  # a constant channel (std 0) is only shifted
+        assert torch.allclose(m.segment_low(x), expected, atol=1e-6)
+        probs = m.predict({"image": x})
+    config = {"train": {"method": "segcls", "target": "mask", "hparams": {"backbone": "resnet18", "weights": None}},
+              "n_classes": 4, "class_names": ["a", "b", "c", "d"], "data_state": state}
+    save_checkpoint(tmp_path / "ckpt", m.state_dict(), m.optimizer.state_dict(), 0, None, config)
+    loaded, _ = load_segmentation_model(tmp_path / "ckpt")
+    assert torch.equal(loaded.input_mean, mean) and torch.equal(loaded.input_std, std)
+    assert torch.allclose(loaded.predict({"image": x}), probs, atol=1e-6)
+    plain = _segcls(normalize=False).eval()
+    plain.load_state_dict(m.state_dict())
+    plain.input_mean.zero_(), plain.input_std.fill_(1.0)
+    assert not torch.allclose(plain.predict({"image": x}), probs, atol=1e-3)  # the statistics matter
+
+
+def test_a_class_at_one_percent_of_the_pool_is_drawn_at_its_share():
+    """segcls draws both batches as the data is (weights = row counts): a class holding 1 % of the classification
+    patches gets 0.2 rows of a batch of 20 — under half a row, which per-batch rounding would give none for ever;
+    over many batches it is drawn at its share (within two rows), and every class at its own."""
+    rows = []
+    counts = {0: 60, 1: 1, 2: 24, 3: 15}  # 100 classification patches
+    for cls, n in counts.items():
+        for _ in range(n):
+            rows.append({"image": encode_image(np.zeros((8, 8, 3), np.uint8)), "slide_id": "a", "x": len(rows), "y": 0,
+                         "label": cls})
+    table = pa.Table.from_pylist(rows)
+    sampler = BalancedSampler(table, lambda meta: np.asarray(meta["label"]), seed=0)
+    weights = _segcls().stream_weights("cls", sampler.counts)
+    drawn = np.zeros(4)
+    for batch in sampler.batches(20, weights, n_batches=500):
+        drawn += np.bincount(batch["group"].numpy(), minlength=4)
+    expected = np.array([counts[c] for c in range(4)]) / 100 * 20 * 500
+    assert np.abs(drawn - expected).max() <= 2
+    assert drawn[1] == pytest.approx(100, abs=2)  # 1 % of 10,000 rows

@@ -525,7 +525,16 @@ def run_info(config: TrainConfig, tile_table: str, n_classes: int) -> RunInfo:
     import functools
 
     return RunInfo(target=config.target, n_classes=n_classes, group_tau=config.group_tau, seed=config.seed,
-                   batch_size=config.batch_size, meta=functools.partial(read_split_meta, tile_table, "train"))
+                   batch_size=config.batch_size, meta=functools.partial(read_split_meta, tile_table, "train"),
+                   images=functools.partial(_train_images, tile_table, config.stain_norm))
+
+
+def _train_images(tile_table: str, stain_norm: bool, keys: set[str]) -> np.ndarray:
+    """(N, H, W, 3) uint8: the training tiles with ``keys`` as the training stream gives them before augmentation."""
+    batch = read_split_meta(tile_table, "train", ["image"], keys=set(keys))
+    if stain_norm:
+        batch = stain_batch(batch, _stain_reference(tile_table))
+    return np.asarray(batch["image"])
 
 
 def _stain_reference(tile_table: str) -> dict:

@@ -134,6 +134,8 @@ class RunInfo:
 
     meta : ``meta(columns)`` -> the training split's rows as ``decode_tiles`` gives them, without images or masks
         (read on demand, in the driver).
+    images : ``images(keys)`` -> (N, H, W, 3) uint8, the training tiles with those keys (``schema.tile_keys``) as
+        the training stream gives them before augmentation (stain-normalised when the run is); read in the driver.
     """
 
     target: str = "class:1"
@@ -142,6 +144,7 @@ class RunInfo:
     seed: int = 0
     batch_size: int = 32
     meta: Callable[[list[str]], dict[str, np.ndarray]] | None = None
+    images: Callable[[set[str]], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
