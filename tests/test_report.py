@@ -205,3 +205,25 @@ def test_report_heatmap_from_mlflow_sweeps(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="no run has hparams.beta = 5"):
         cmd_report(build_parser().parse_args(["report", "--heatmap", "--experiment", "sens-a", "--knob",
                                               "hparams.beta", "--baseline", "5", "--out", str(tmp_path / "f2")]))
+
+
+def test_fig5_cells_keep_each_head_as_its_own_arm_in_table_d5_order():
+    """Runs of S+C with the three classifier heads are three arms (the default head keeps the setting's name),
+    S has no head; Table D.5 lists the arms setting by setting, with mean ± std over seeds."""
+    from histoweak.report import fig5_cells, format_table_d5
+
+    def run(setting, s, head, f1):
+        return {"params": {"method": "segcls", "swept.hparams.setting": setting, "swept.hparams.s": str(s),
+                           "hparams.head": head}, "metrics": {"test_f1_micro": f1, "test_f1_macro": f1, "test_miou": f1}}
+
+    runs = [run("S", 5, "official", 0.4), run("S", 5, "table_a3", 0.5), run("S+C", 5, "official", 0.7),
+            run("S+C", 5, "official", 0.9), run("S+C", 5, "table_a3", 0.3), run("S+C*", 5, "avgpool", 0.6),
+            {"params": {"method": "gerne"}, "metrics": {}}]
+    cells = fig5_cells(runs)
+    assert set(cells) == {("S", 5.0), ("S+C", 5.0), ("S+C (table_a3)", 5.0), ("S+C* (avgpool)", 5.0)}
+    assert cells[("S", 5.0)]["test_f1_macro"] == [0.4, 0.5]
+    assert cells[("S+C", 5.0)]["test_f1_macro"] == [0.7, 0.9]
+    table = format_table_d5(cells)
+    arms = [line.split("  ")[0] for line in table.splitlines()[1:-1:3]]
+    assert arms == ["S", "S+C", "S+C (table_a3)", "S+C* (avgpool)"]
+    assert "80.0 ± 10.0" in table

@@ -292,18 +292,26 @@ __all__ += ["class_overlay", "overlay_figure"]
 def fig5_figure(cells: dict, metrics: tuple[tuple[str, str], ...], relative: bool = True, title: str = ""):
     """Ciga & Martel's Fig. 5: a panel per metric, the metric vs s (%) with a line and a mean ± std band per setting.
 
-    cells : (setting, s) -> {metric: values over seeds} (``report.fig5_cells``, or ``report.fig5_relative``)
+    cells : (arm, s) -> {metric: values over seeds} (``report.fig5_cells``, or ``report.fig5_relative``); an arm is a
+        setting, or a setting with another classifier head (``report.fig5_arm``): one colour per setting, one line
+        style per head
     """
+    from histoweak.report import fig5_arms
+
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    settings = [x for x in ("S", "S+C", "S+C*") if any(k[0] == x for k in cells)]
+    colours = {"S": "tab:blue", "S+C": "tab:orange", "S+C*": "tab:green"}
     for ax, (key, label) in zip(axes[0], metrics):
-        for setting, colour in zip(settings, ("tab:blue", "tab:orange", "tab:green")):
-            pts = sorted((s, np.mean(c[key]), np.std(c[key])) for (st, s), c in cells.items() if st == setting and c[key])
+        for arm in fig5_arms(cells):
+            pts = sorted((s, np.mean(c[key]), np.std(c[key])) for (a, s), c in cells.items() if a == arm and c[key])
             if not pts:
                 continue
             s, m, sd = map(np.asarray, zip(*pts))
-            ax.plot(s, m, "o-", color=colour, label=setting, ms=3)
-            ax.fill_between(s, m - sd, m + sd, color=colour, alpha=0.2)
+            setting, head = arm.split(" ")[0], arm[len(arm.split(" ")[0]):].strip(" ()")
+            style = {"": "o-", "avgpool": "s--", "table_a3": "^:"}.get(head, "x-.")
+            colour = colours.get(setting, "tab:grey")
+            ax.plot(s, m, style, color=colour, label=arm, ms=3)
+            if not head:
+                ax.fill_between(s, m - sd, m + sd, color=colour, alpha=0.2)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("segmentation patches used, s (%)")
         ax.set_ylabel(f"{label}{' relative to S at s = 100 %' if relative else ''}", fontsize=8)

@@ -14,7 +14,7 @@ import numpy as np
 from histoweak import metrics as M
 from histoweak.methods.base import tissue_groups
 
-__all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
+__all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_arm", "fig5_arms", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
            "write_csv", "USEGMIX_KEYS", "USEGMIX_METRICS", "format_usegmix_table", "usegmix_cells", "usegmix_gain",
            "MAGNET_COLUMNS", "format_magnet_table", "magnet_cells", "magnet_row_label",
            "cam_hist_classes", "cam_histograms", "format_heatmap", "heatmap_cell_text", "heatmap_cells",
@@ -233,9 +233,16 @@ FIG5_METRICS = (("test_f1_micro", "F1 micro"), ("test_f1_macro", "F1 macro"), ("
 _SETTINGS = ("S", "S+C", "S+C*")
 
 
+def fig5_arm(setting: str, head: str | None) -> str:
+    """The row name of a setting trained with a classifier head: the setting itself for the default head
+    (``official``), ``"<setting> (<head>)"`` for the others (e.g. ``"S+C (table_a3)"``); **S** has no head."""
+    return setting if setting == "S" or head in (None, "", "official") else f"{setting} ({head})"
+
+
 def fig5_cells(runs: list[dict]) -> dict[tuple[str, float], dict[str, list[float]]]:
-    """(setting, s) -> {test metric: one value per run (seed)} from finished ``segcls`` runs, each
-    ``{"params": {...}, "metrics": {...}}`` (MLflow child runs; setting and s swept or fixed)."""
+    """(arm, s) -> {test metric: one value per run (seed)} from finished ``segcls`` runs, each
+    ``{"params": {...}, "metrics": {...}}`` (MLflow child runs; setting, s and head swept or fixed); the arm is
+    ``fig5_arm(setting, head)``."""
     cells: dict = {}
     for r in runs:
         p, m = r["params"], r["metrics"]
@@ -245,11 +252,18 @@ def fig5_cells(runs: list[dict]) -> dict[tuple[str, float], dict[str, list[float
         s = _num(p.get("swept.hparams.s") or p.get("hparams.s"))
         if setting is None or not isinstance(s, float):
             continue
-        cell = cells.setdefault((setting, s), {k: [] for k, _ in FIG5_METRICS})
+        arm = fig5_arm(setting, p.get("swept.hparams.head") or p.get("hparams.head"))
+        cell = cells.setdefault((arm, s), {k: [] for k, _ in FIG5_METRICS})
         for k, _ in FIG5_METRICS:
             if k in m:
                 cell[k].append(float(m[k]))
     return cells
+
+
+def fig5_arms(cells: dict) -> list[str]:
+    """The arms of ``cells`` in Table D.5's order: S, S+C, S+C*, each setting followed by its other heads."""
+    arms = {a for a, _ in cells}
+    return sorted(arms, key=lambda a: (_SETTINGS.index(a.split(" ")[0]) if a.split(" ")[0] in _SETTINGS else 9, a))
 
 
 def fig5_relative(cells: dict) -> dict:
@@ -268,7 +282,7 @@ def format_table_d5(cells: dict, title: str = "") -> str:
     svals = sorted({s for _, s in cells})
     head = ["setting", "metric", *[f"{s:g}" for s in svals]]
     lines = []
-    for setting in [x for x in _SETTINGS if any(k[0] == x for k in cells)]:
+    for setting in fig5_arms(cells):
         for k, label in FIG5_METRICS:
             row = [setting, label]
             for s in svals:
