@@ -112,7 +112,9 @@ def train_rates(batch: int, steps: int) -> dict[str, float]:
             print(f"capacity: {name} not measured: {exc}"[:200])
             continue
         plan = cls.data_plan(hparams, RunInfo(target, n_classes, group_tau=0.5, seed=0, batch_size=batch,
-                                              meta=lambda cols: {c: meta[c] for c in cols}))
+                                              meta=lambda cols: {c: meta[c] for c in cols},
+                                              images=lambda keys: np.random.default_rng(0).integers(
+                                                  0, 256, (len(keys), size, size, 3), np.uint8)))
         method.set_data_state(plan.state)
         step = {**data, **{key: dict(data) for key in plan.extra}}
         method.step(step)  # warm-up

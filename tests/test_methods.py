@@ -42,11 +42,16 @@ def _meta(columns):
             "labels": (ratios > 0).astype(np.float32), "tissue_ratio": 1 - ratios[:, 0]}
 
 
+def _images(keys) -> np.ndarray:
+    """The training tiles with ``keys`` (``RunInfo.images``): made-up 32-px images, one per key."""
+    return np.random.default_rng(len(keys)).integers(0, 256, (len(keys), 32, 32, 3), np.uint8)
+
+
 def _with_streams(method, batch: dict, seed: int, **batch_kw) -> dict:
     """``batch`` plus the extra batches the method's data plan draws beside it (e.g. GERNE's ``balanced``),
     made by ``_batch(**batch_kw)``."""
     plan = type(method).data_plan(method.hparams, RunInfo(method.task.target, method.task.n_classes, group_tau=0.5,
-                                                          meta=_meta))
+                                                          meta=_meta, images=_images))
     method.set_data_state(plan.state)
     for i, key in enumerate(plan.extra):
         batch[key] = _batch(seed=seed + 1 + i, **batch_kw)
