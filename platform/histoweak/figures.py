@@ -296,7 +296,7 @@ def fig5_figure(cells: dict, metrics: tuple[tuple[str, str], ...], relative: boo
         setting, or a setting with another classifier head (``report.fig5_arm``): one colour per setting, one line
         style per head
     """
-    from histoweak.report import fig5_arms
+    from histoweak.report import fig5_arm_parts, fig5_arms
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     colours = {"S": "tab:blue", "S+C": "tab:orange", "S+C*": "tab:green"}
@@ -306,7 +306,7 @@ def fig5_figure(cells: dict, metrics: tuple[tuple[str, str], ...], relative: boo
             if not pts:
                 continue
             s, m, sd = map(np.asarray, zip(*pts))
-            setting, head = arm.split(" ")[0], arm[len(arm.split(" ")[0]):].strip(" ()")
+            setting, head = fig5_arm_parts(arm)
             style = {"": "o-", "avgpool": "s--", "table_a3": "^:"}.get(head, "x-.")
             colour = colours.get(setting, "tab:grey")
             ax.plot(s, m, style, color=colour, label=arm, ms=3)

@@ -14,7 +14,7 @@ import numpy as np
 from histoweak import metrics as M
 from histoweak.methods.base import tissue_groups
 
-__all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_arm", "fig5_arms", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
+__all__ = ["TABLE1_ROWS", "format_leaderboard", "FIG5_METRICS", "fig5_arm", "fig5_arm_parts", "fig5_arms", "fig5_cells", "fig5_relative", "format_table1", "format_table_d5", "group_count_artifacts", "group_counts", "metrics_at_tau", "table1_cells",
            "write_csv", "USEGMIX_KEYS", "USEGMIX_METRICS", "format_usegmix_table", "usegmix_cells", "usegmix_gain",
            "MAGNET_COLUMNS", "format_magnet_table", "magnet_cells", "magnet_row_label",
            "cam_hist_classes", "cam_histograms", "format_heatmap", "heatmap_cell_text", "heatmap_cells",
@@ -260,10 +260,19 @@ def fig5_cells(runs: list[dict]) -> dict[tuple[str, float], dict[str, list[float
     return cells
 
 
+def fig5_arm_parts(arm: str) -> tuple[str, str]:
+    """(setting, head) of an arm named by ``fig5_arm``; the head is "" for the default one."""
+    setting, _, head = arm.partition(" ")
+    return setting, head.strip("()")
+
+
 def fig5_arms(cells: dict) -> list[str]:
     """The arms of ``cells`` in Table D.5's order: S, S+C, S+C*, each setting followed by its other heads."""
-    arms = {a for a, _ in cells}
-    return sorted(arms, key=lambda a: (_SETTINGS.index(a.split(" ")[0]) if a.split(" ")[0] in _SETTINGS else 9, a))
+    def order(arm: str) -> tuple[int, str]:
+        setting, _ = fig5_arm_parts(arm)
+        return (_SETTINGS.index(setting) if setting in _SETTINGS else len(_SETTINGS), arm)
+
+    return sorted({a for a, _ in cells}, key=order)
 
 
 def fig5_relative(cells: dict) -> dict:

@@ -443,9 +443,9 @@ def fit(config: TrainConfig, tile_table: str, n_classes: int, callbacks: list | 
     cols = _columns(method_cls)
     if "HISTOWEAK_WORKER_TRACE" in config.worker_env:  # the trace names the rows each rank trained on
         cols += ["slide_id", "x", "y"]
-    plan = method_cls.data_plan(check_hparams(method_cls.Hparams, dict(config.hparams), config.method),
-                                run_info(config, tile_table, n_classes))
     stain = _stain_reference(tile_table) if config.stain_norm else None
+    plan = method_cls.data_plan(check_hparams(method_cls.Hparams, dict(config.hparams), config.method),
+                                run_info(config, tile_table, n_classes, stain))
     manifest = manifest_of(tile_table)
     loop_config = {"train": dataclasses.asdict(config), "n_classes": n_classes, "class_names": manifest.get("classes"),
                    "tiling": manifest.get("params"), "data_state": plan.state, "stain_reference": stain, "_plan": plan}
@@ -520,20 +520,22 @@ def class_names_of(tile_table: str) -> list[str] | None:
     return list(classes) if classes else None
 
 
-def run_info(config: TrainConfig, tile_table: str, n_classes: int) -> RunInfo:
-    """What the method's hooks may know of a run; ``meta`` reads the training split's metadata on demand."""
+def run_info(config: TrainConfig, tile_table: str, n_classes: int, stain: dict | None = None) -> RunInfo:
+    """What the method's hooks may know of a run; ``meta`` and ``images`` read the training split on demand.
+    ``stain``: the run's Macenko reference when the caller has fitted it (else ``images`` fits one if needed)."""
     import functools
 
     return RunInfo(target=config.target, n_classes=n_classes, group_tau=config.group_tau, seed=config.seed,
                    batch_size=config.batch_size, meta=functools.partial(read_split_meta, tile_table, "train"),
-                   images=functools.partial(_train_images, tile_table, config.stain_norm))
+                   images=functools.partial(_train_images, tile_table, config.stain_norm, stain))
 
 
-def _train_images(tile_table: str, stain_norm: bool, keys: set[str]) -> np.ndarray:
-    """(N, H, W, 3) uint8: the training tiles with ``keys`` as the training stream gives them before augmentation."""
+def _train_images(tile_table: str, stain_norm: bool, stain: dict | None, keys: set[str]) -> np.ndarray:
+    """(N, H, W, 3) uint8: the training tiles with ``keys`` as the training stream gives them before augmentation
+    (normalised to ``stain``, the run's reference, or to one fitted here when the caller has none)."""
     batch = read_split_meta(tile_table, "train", ["image"], keys=set(keys))
     if stain_norm:
-        batch = stain_batch(batch, _stain_reference(tile_table))
+        batch = stain_batch(batch, stain or _stain_reference(tile_table))
     return np.asarray(batch["image"])
 
 
